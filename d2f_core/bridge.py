@@ -1,0 +1,146 @@
+"""The Diff2Flow bridge: a discrete VP model (ε, v or x0 output) read as a flow-matching model.
+
+Coordinates (DESIGN §2). With ς the model's VE sigma and σ flow time:
+
+    σ = φ(ς) = ς / (1 + ς),        ς = σ / (1 - σ)
+    x = x_VE / (1 + ς) = (1 - σ)·x_VE
+    x_VP = x_VE / sqrt(1 + ς²) = x / D,      D = sqrt((1 - σ)² + σ²)
+
+so x = (1 - σ)·x0 + σ·ε and the VP state the network was trained on is x / D with
+a = (1 - σ)/D, s = σ/D (a² + s² = 1). From a network output at flow time σ:
+
+    ε-model:  x̂0 = (x - σ·ε̂) / (1 - σ)                 v̂ = (ε̂ - x) / (1 - σ)
+    v-model:  x̂0 = ((1 - σ)·x - σ·D·v̂_VP) / D²          v̂ = ((2σ - 1)·x + D·v̂_VP) / D²
+    x0-model: x̂0 = out                                  v̂ = (x - x̂0) / σ
+
+where v̂ is the flow velocity dx/dσ = ε - x0 the flow sampler integrates. All coefficients are
+computed in float32 or better, whatever dtype the network ran in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import DiscreteSchedule
+
+PREDICTION_TYPES = ("eps", "v_prediction", "x0")
+
+
+def flow_sigma(ve_sigma):
+    """φ(ς) = ς / (1 + ς)."""
+    return ve_sigma / (1 + ve_sigma)
+
+
+def ve_sigma(sigma):
+    """φ⁻¹(σ) = σ / (1 - σ)."""
+    return sigma / (1 - sigma)
+
+
+def _as_batch(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """σ as float32+ broadcastable against ``like`` (one value, or one per batch row)."""
+    sigma = torch.as_tensor(sigma, device=like.device)
+    if sigma.dtype not in (torch.float32, torch.float64):
+        sigma = sigma.float()
+    if sigma.numel() == 1:
+        return sigma.reshape(())
+    return sigma.reshape(sigma.shape[:1] + (1,) * (like.ndim - 1))
+
+
+def vp_scale(sigma):
+    """D(σ) = sqrt((1 - σ)² + σ²) = (1 - σ)·sqrt(1 + ς²)."""
+    return ((1 - sigma) ** 2 + sigma ** 2).sqrt()
+
+
+class FlowBridge:
+    """A discrete VP model's parameterisation seen from flow coordinates.
+
+    ``label_offset``: 0 for checkpoints trained the standard way (index n ↔ ᾱ_n). Use 1 for
+    checkpoints fine-tuned with the official Diff2Flow code, which feeds label k for ᾱ_{k-1}.
+    """
+
+    def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps", label_offset: float = 0.0):
+        if prediction not in PREDICTION_TYPES:
+            raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got '{prediction}'")
+        if prediction == "eps" and schedule.zsnr:
+            raise ValueError(
+                "ε-prediction on a zero-terminal-SNR schedule is ill-posed: at the last step the model "
+                "would have to predict x0 from pure noise through ε, x̂0 = (x - σ·ε̂)/(1 - σ) with 1 - σ ≈ 0. "
+                "Use a v-prediction checkpoint with zsnr, or turn zsnr off.")
+        self.schedule = schedule
+        self.prediction = prediction
+        self.label_offset = float(label_offset)
+        self.sigmas = flow_sigma(schedule.sigmas)  # float64, increasing
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    # --- time -----------------------------------------------------------------------------------
+    def label(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Network time label n(σ) = n_schedule(σ/(1-σ)) + offset, fractional, float64."""
+        sigma = torch.as_tensor(sigma)
+        return self.schedule.label(ve_sigma(sigma.to(torch.float64))) + self.label_offset
+
+    def sigma_at(self, label: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``label``: σ = φ(ς(n - offset))."""
+        return flow_sigma(self.schedule.sigma(torch.as_tensor(label, dtype=torch.float64) - self.label_offset))
+
+    # --- states ---------------------------------------------------------------------------------
+    def model_input(self, sigma, x: torch.Tensor) -> torch.Tensor:
+        """The VP state the network was trained on: x_VP = x / D(σ)."""
+        s = _as_batch(sigma, x)
+        return (x / vp_scale(s)).to(x.dtype)
+
+    def start_state(self, sigma, noise: torch.Tensor, x0: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
+        """The sampler's first state at σ: (1-σ)·x0 + σ·ε, or with ``max_denoise`` the host's
+        native start x_VE = x0 + sqrt(1+ς²)·ε mapped to flow coordinates, (1-σ)·x0 + D·ε, so that
+        txt2img starts exactly where native sampling does."""
+        s = _as_batch(sigma, noise)
+        scale = vp_scale(s) if max_denoise else s
+        return (scale * noise + (1 - s) * x0).to(noise.dtype)
+
+    def denoised(self, sigma, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x̂0 from the network output ``out`` at flow state ``x``, time σ."""
+        s = _as_batch(sigma, x)
+        out = out.to(torch.promote_types(out.dtype, s.dtype))
+        if self.prediction == "eps":
+            x0 = (x - s * out) / (1 - s)
+        elif self.prediction == "v_prediction":
+            d = vp_scale(s)
+            x0 = ((1 - s) * x - s * d * out) / d ** 2
+        else:
+            x0 = out
+        return x0.to(torch.promote_types(x.dtype, torch.float32))
+
+    def velocity(self, sigma, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Flow velocity v̂ = dx/dσ = ε̂ - x̂0, in closed forms that stay finite as σ → 0."""
+        s = _as_batch(sigma, x)
+        out = out.to(torch.promote_types(out.dtype, s.dtype))
+        if self.prediction == "eps":
+            v = (out - x) / (1 - s)
+        elif self.prediction == "v_prediction":
+            d = vp_scale(s)
+            v = ((2 * s - 1) * x + d * out) / d ** 2
+        else:
+            v = (x - out) / s
+        return v.to(torch.promote_types(x.dtype, torch.float32))
+
+    def native_target(self, noise: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
+        """What the network natively regresses at this state: ε, v_VP = a·ε - s·x0, or x0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        s = _as_batch(sigma, x0)
+        d = vp_scale(s)
+        return ((1 - s) * noise - s * x0) / d
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow path x_σ = (1 - σ)·x0 + σ·ε."""
+    s = _as_batch(sigma, x0)
+    return (1 - s) * x0 + s * noise

@@ -1,0 +1,14 @@
+"""ComfyUI adapters: thin V3 nodes that translate host types into ``d2f_core`` calls."""
+
+from comfy_api.latest import ComfyExtension
+
+from .flow_nodes import FLOW_NODES
+
+
+class Diff2FlowExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(FLOW_NODES)
+
+
+async def comfy_entrypoint() -> Diff2FlowExtension:
+    return Diff2FlowExtension()
