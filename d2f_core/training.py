@@ -1,0 +1,243 @@
+"""The Diff2Flow fine-tuning loop (DESIGN §2), independent of any host.
+
+One optimizer step draws, per micro-batch of ``batch_size``:
+
+    σ ~ p(σ) on [σ_min, σ_max],  ε ~ N(0, I),  x = (1-σ)·x0 + σ·ε
+    out = net(x / D(σ), n(σ), cond)            (the network's own VP input and fractional label)
+    L = ‖v̂(out, x, σ) - (ε - x0)‖²            (``objective="diff2flow"``; "native" regresses ε / v_VP)
+
+Every random draw of step k comes from generators seeded by (seed, k): a run resumed at step k from
+a saved state continues exactly as the uninterrupted run would. The host is read only every
+``sync_every`` steps (loss read-out, non-finite check), never inside a step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .bridge import FlowBridge, interpolate
+from .data import LatentBuckets
+from .losses import diff2flow_loss, native_loss, sample_sigmas
+
+OBJECTIVES = ("diff2flow", "native")
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the first bad optimizer step (1-based)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    objective: str = "diff2flow"
+    time_sampling: str = "uniform"
+    time_shift: float = 1.0
+    caption_dropout: float = 0.0
+    seed: int = 0
+    sync_every: int = 10
+
+    def validate(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError("steps, batch size and gradient accumulation must be at least 1")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError("caption dropout is a probability in [0, 1]")
+
+
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 0 at ``steps``."""
+    lr = config.learning_rate
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
+def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    fused = all(p.is_cuda for p in params) and config.optimizer in ("adamw", "adam")
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, **kwargs)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.learning_rate, **kwargs)
+    return torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay,
+                           foreach=True)
+
+
+@dataclass
+class TrainResult:
+    step: int                      # optimizer steps done in total (including a resumed run's)
+    losses: list[float] = field(default_factory=list)   # one per optimizer step of this run
+    status: str = "done"           # done | interrupted
+    seconds: float = 0.0
+    samples: int = 0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+class Trainer:
+    """Runs ``config.steps`` optimizer steps of Diff2Flow (or native) training.
+
+    ``net(x_in, label, **cond) -> output`` is the network with its trainable adaptation applied;
+    ``params`` the tensors to train; ``snapshot()``/``restore(state)`` give the last good state back
+    after a non-finite loss. Caption dropout swaps a sample's conditioning for the data's empty prompt
+    with probability ``caption_dropout``.
+    """
+
+    def __init__(self, net: Callable, bridge: FlowBridge, params: list[torch.nn.Parameter], data: LatentBuckets,
+                 config: TrainConfig, device=None, autocast_dtype: torch.dtype | None = None,
+                 snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None):
+        config.validate()
+        self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
+        self.device = torch.device(device) if device is not None else data.latents[0].device
+        self.autocast_dtype = autocast_dtype
+        self.snapshot, self.restore = snapshot, restore
+        self.optimizer = make_optimizer(config, params)
+        self.sigma_range = (bridge.sigma_min, bridge.sigma_max)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.config.seed * 1_000_003 + step * 1_009 + micro) % (2 ** 63))
+        return g
+
+    def _drop_captions(self, bucket: int, cond: dict, generator: torch.Generator) -> dict:
+        """Replace each sample's conditioning by the empty prompt's with probability p (classifier-free
+        guidance needs the model to keep its unconditional branch)."""
+        if self.data.empty is None or self.config.caption_dropout <= 0:
+            return cond
+        batch = next(iter(cond.values())).shape[0]
+        drop = torch.rand(batch, generator=generator, device=self.device) < self.config.caption_dropout
+        empty = self.data.empty[bucket]
+        return {k: torch.where(drop.reshape((batch,) + (1,) * (v.ndim - 1)), empty[k], v) for k, v in cond.items()}
+
+    def loss(self, x0: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
+        """Mean Diff2Flow (or native) loss of one micro-batch; differentiable."""
+        c = self.config
+        sigma = sample_sigmas(x0.shape[0], *self.sigma_range, mode=c.time_sampling, shift=c.time_shift,
+                              generator=generator, device=self.device)
+        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        x = interpolate(x0, noise, sigma)
+        x_in = self.bridge.model_input(sigma, x)
+        label = self.bridge.label(sigma).float()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.net(x_in, label, **cond)
+        if c.objective == "diff2flow":
+            return diff2flow_loss(self.bridge, out, x, x0, noise, sigma).mean()
+        return native_loss(self.bridge, out, x0, noise, sigma).mean()
+
+    def step(self, step: int) -> torch.Tensor:
+        """Optimizer step ``step`` (0-based); returns its loss as a device tensor (no host sync)."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(c, step)
+        bucket_rng = random.Random(c.seed * 7_919 + step)
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accumulation):
+            g = self._generator(step, micro)
+            bucket = self.data.choose_bucket(bucket_rng)
+            x0, cond = self.data.sample(bucket, c.batch_size, g)
+            cond = self._drop_captions(bucket, cond, g)
+            loss = self.loss(x0, cond, g) / c.grad_accumulation
+            loss.backward()
+            total += loss.detach()
+        if c.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self, start_step: int = 0, should_stop: Callable[[], bool] | None = None,
+            on_progress: Callable[[int, list[float], float], None] | None = None,
+            on_save: Callable[[int], None] | None = None, save_every: int = 0,
+            on_preview: Callable[[int], None] | None = None, preview_every: int = 0) -> TrainResult:
+        """Train from ``start_step`` to ``config.steps``.
+
+        Every ``sync_every`` steps the pending losses are read (one host sync), checked for NaN/inf and
+        passed to ``on_progress(step, new_losses, samples_per_second)``. ``should_stop()`` (a host-side
+        flag, e.g. the UI's stop button) ends the run after the current step: status "interrupted".
+        """
+        c = self.config
+        result = TrainResult(step=start_step)
+        pending: list[torch.Tensor] = []
+        good = self.snapshot() if self.snapshot else None
+        samples_per_step = c.batch_size * c.grad_accumulation
+        t0 = time.perf_counter()
+
+        def flush(step_done: int):
+            nonlocal good, pending
+            if not pending:
+                return
+            values = torch.stack(pending).tolist()
+            first_step = step_done - len(values) + 1
+            pending = []
+            for i, v in enumerate(values):
+                if not math.isfinite(v):
+                    if good is not None and self.restore:
+                        self.restore(good)
+                    result.step = first_step + i - 1
+                    raise NonFiniteLossError(first_step + i, (
+                        f"the loss became {v} at step {first_step + i}: training stopped and the weights were "
+                        f"reset to the last good state (step {result.step}). Lower the learning rate, keep "
+                        "gradient clipping on, or train in bf16/fp32 instead of fp16."))
+            result.losses.extend(values)
+            result.step = step_done
+            if self.snapshot:
+                good = self.snapshot()
+            if on_progress:
+                elapsed = time.perf_counter() - t0
+                on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
+
+        step = start_step
+        while step < c.steps:
+            pending.append(self.step(step))
+            step += 1
+            result.samples += samples_per_step
+            stop = should_stop is not None and should_stop()
+            due_save = save_every > 0 and step % save_every == 0
+            due_preview = preview_every > 0 and step % preview_every == 0
+            if stop or due_save or due_preview or step % max(1, c.sync_every) == 0 or step == c.steps:
+                flush(step)
+            if due_save and on_save:
+                on_save(step)
+            if due_preview and on_preview:
+                on_preview(step)
+            if stop:
+                result.status = "interrupted"
+                break
+        flush(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        result.seconds = time.perf_counter() - t0
+        return result

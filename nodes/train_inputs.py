@@ -1,0 +1,97 @@
+"""Host training inputs → engine types: LATENT/CONDITIONING lists → latent buckets, model → bridge.
+
+Everything here runs before any GPU work, so bad inputs fail fast with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..d2f_core.data import DatasetError
+from .flow_sampling import FlowBridgeSampling, flow_model_sampling
+
+
+def bridge_sampling_of(model) -> FlowBridgeSampling:
+    """The model's flow view: its own if already patched, else a fresh one (refusing flow-native models)."""
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, FlowBridgeSampling):
+        return sampling
+    return flow_model_sampling(model)
+
+
+def unet_kwargs(model, pair, latent_shape) -> dict[str, torch.Tensor]:
+    """One CONDITIONING entry [cross_attn, extras] → the UNet's keyword tensors for one sample
+    (``context``, and ``y`` for SDXL's size/pooled embedding), via the host model's own ``extra_conds``."""
+    cross_attn, extras = pair[0], dict(pair[1])
+    params = dict(extras)
+    params.update(cross_attn=cross_attn, device=cross_attn.device, noise=torch.zeros((1,) + tuple(latent_shape)),
+                  prompt_type="positive")
+    params.setdefault("width", latent_shape[-1] * 8)
+    params.setdefault("height", latent_shape[-2] * 8)
+    conds = model.model.extra_conds(**params)
+    unsupported = sorted(set(conds) - {"c_crossattn", "y"})
+    if unsupported:
+        raise ValueError(f"D2FTrain cannot train this model type yet: it needs extra inputs {unsupported} "
+                         "(inpainting/edit models). Use a plain text-to-image checkpoint.")
+    out = {"context": conds["c_crossattn"].cond[0]}
+    if "y" in conds:
+        out["y"] = conds["y"].cond[0]
+    return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def _conditioning_entries(conditioning) -> list:
+    """A CONDITIONING (list of [tensor, dict]) or a bare [tensor, dict] pair → list of pairs."""
+    if isinstance(conditioning, (list, tuple)) and len(conditioning) == 2 and torch.is_tensor(conditioning[0]) \
+            and isinstance(conditioning[1], dict):
+        return [conditioning]
+    return list(conditioning)
+
+
+def assemble_buckets(model, latents: list[dict], positive: list) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Pair latents with captions and group them by resolution.
+
+    Accepts what the host's dataset nodes give: ``MakeTrainingDataset`` (one latent and one
+    conditioning per image), ``ResolutionBucket`` (a batch of latents and a list of conditionings per
+    bucket), or a plain LATENT batch with one CONDITIONING for every image.
+    """
+    latents = [l for l in (latents or []) if l is not None]
+    positive = [p for p in (positive or []) if p is not None]
+    if not latents or not positive:
+        raise DatasetError("the dataset is empty: connect latents and positive conditioning "
+                           "(e.g. from MakeTrainingDataset)")
+    if len(positive) not in (1, len(latents)):
+        raise DatasetError(f"{len(latents)} latent inputs but {len(positive)} conditioning inputs: give one "
+                           "conditioning per latent input, or a single one for all")
+    channels = model.get_model_object("latent_format").latent_channels
+    by_shape: dict[tuple, tuple[list, list]] = {}
+    for j, latent in enumerate(latents):
+        samples = latent["samples"]
+        if samples.ndim != 4:
+            raise DatasetError(f"latent {j} has shape {tuple(samples.shape)}; D2FTrain trains image models (N, C, H, W)")
+        if samples.shape[1] != channels:
+            raise DatasetError(f"latent {j} has {samples.shape[1]} channels but this model works on {channels}: "
+                               "encode the images with this checkpoint's VAE")
+        if samples.shape[0] == 0:
+            continue
+        entries = _conditioning_entries(positive[j if len(positive) > 1 else 0])
+        if len(entries) not in (1, samples.shape[0]):
+            raise DatasetError(f"latent {j} holds {samples.shape[0]} images but {len(entries)} captions")
+        x0 = model.get_model_object("latent_format").process_in(samples.detach().clone().float())
+        for i in range(samples.shape[0]):
+            pair = entries[i if len(entries) > 1 else 0]
+            kwargs = unet_kwargs(model, pair, samples.shape[1:])
+            group = by_shape.setdefault(tuple(samples.shape[1:]), ([], []))
+            group[0].append(x0[i])
+            group[1].append(kwargs)
+    if not by_shape:
+        raise DatasetError("the dataset is empty: all latent batches have zero images")
+    return [(torch.stack(lat), conds) for lat, conds in by_shape.values()]
+
+
+def empty_prompt_kwargs(model, conditioning, latent_shape) -> dict[str, torch.Tensor] | None:
+    if conditioning is None:
+        return None
+    entries = _conditioning_entries(conditioning)
+    if not entries:
+        return None
+    return unet_kwargs(model, entries[0], latent_shape)

@@ -1,0 +1,293 @@
+"""D2FTrain: Diff2Flow fine-tuning (LoRA or full) inside ComfyUI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..d2f_core.adapters import FullAdapters, LoraAdapters
+from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
+from ..d2f_core.data import LatentBuckets
+from ..d2f_core.losses import TIME_SAMPLINGS
+from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
+from ..d2f_core.state import load_state, save_state
+from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
+from .train_inputs import assemble_buckets, bridge_sampling_of, empty_prompt_kwargs
+from .ui_events import TrainingReporter
+
+CATEGORY = "Diff2Flow"
+CHECKPOINT_BLOCKS = ("ResBlock", "SpatialTransformer")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _output_path(*parts: str) -> str:
+    path = os.path.join(folder_paths.get_output_directory(), *parts)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def _resolve_state_path(path: str) -> str:
+    path = path.strip()
+    if os.path.isabs(path):
+        return path
+    return os.path.join(folder_paths.get_output_directory(), path)
+
+
+class D2FTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="D2FTrain",
+            display_name="Diff2Flow Train (LoRA / full)",
+            category=CATEGORY,
+            description=(
+                "Fine-tunes an ε/v checkpoint toward flow matching with the Diff2Flow objective "
+                "‖v̂ - (ε - x0)‖². Returns the trained, flow-patched model, a LoRA that the core LoRA "
+                "loaders read and SaveLoRA writes, and the loss history. Never changes the input model."),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The ε- or v-prediction model to fine-tune (flow-patched or not)."),
+                io.Latent.Input("latents", tooltip="Training latents, e.g. from MakeTrainingDataset or ResolutionBucket."),
+                io.Conditioning.Input("positive", tooltip="One caption conditioning per latent (or one for all)."),
+                io.Combo.Input("mode", options=["lora", "full"], default="lora",
+                               tooltip="lora: small adapter (fits 12 GB). full: every weight, returned as weight "
+                                       "differences (needs far more memory; use a ~10× lower learning rate)."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per micro-batch."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Micro-batches per optimizer step: a larger effective batch without more memory."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
+                               tooltip="Peak learning rate. LoRA: 1e-4; full fine-tune: 1e-5."),
+                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (lora mode)."),
+                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank."),
+                io.Combo.Input("loss", options=list(OBJECTIVES), default="diff2flow",
+                               tooltip="diff2flow: flow-velocity loss through the bridge (the paper's objective). "
+                                       "native: plain ε/v MSE (for comparison)."),
+                io.Combo.Input("time_sampling", options=list(TIME_SAMPLINGS), default="uniform",
+                               tooltip="How flow times σ are drawn: uniform, or logit-normal (mid-noise heavy, as in SD3)."),
+                io.Float.Input("time_shift", default=1.0, min=0.05, max=20.0, step=0.05,
+                               tooltip="SD3 time shift s applied to the drawn times; >1 favours high noise."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear learning-rate warm-up."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant",
+                               tooltip="After warm-up: constant, or cosine decay to 0."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
+                               tooltip="adamw (fused on GPU) is the default; sgd uses momentum 0.9."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in backward: much less memory, ~30% slower."),
+                io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
+                               tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, times and batches."),
+                io.Int.Input("save_every", default=0, min=0, max=1_000_000,
+                             tooltip="Save the LoRA and a resumable state every N steps (0: only at the end)."),
+                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
+                             tooltip="Show a flow-Euler sample on the node every N steps (0: never)."),
+                io.String.Input("run_name", default="d2f_lora", tooltip="Name of the saved files under output/loras and output/d2f_states."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="A .state.safetensors written by an earlier run (path, or relative to output/)."),
+                io.Conditioning.Input("empty_conditioning", optional=True,
+                                      tooltip="The empty prompt's conditioning, for caption dropout and CFG previews."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
+                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="Trained weights for SaveLoRA / LoraModelLoader."),
+                io.Custom("LOSS_MAP").Output(display_name="loss", tooltip="Loss per step, for the core Plot Loss Graph node."),
+                io.Int.Output(display_name="steps", tooltip="Optimizer steps trained in total."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, empty_conditioning=None, resume_from=None, **options) -> io.NodeOutput:
+        model = _first(model)
+        opts = {k: _first(v) for k, v in options.items()}
+        resume_from = (_first(resume_from) or "").strip()
+        config = TrainConfig(
+            steps=opts["steps"], batch_size=opts["batch_size"], grad_accumulation=opts["grad_accumulation"],
+            learning_rate=opts["learning_rate"], warmup_steps=opts["warmup_steps"], lr_schedule=opts["lr_schedule"],
+            optimizer=opts["optimizer"], objective=opts["loss"], time_sampling=opts["time_sampling"],
+            time_shift=opts["time_shift"], caption_dropout=opts["caption_dropout"], seed=opts["seed"],
+            sync_every=1 if mm.get_torch_device().type == "cpu" else 10)
+        config.validate()
+
+        # Everything that can be wrong with the inputs fails here, before any GPU work.
+        sampling = bridge_sampling_of(model)
+        buckets = assemble_buckets(model, latents, positive)
+        empty = empty_prompt_kwargs(model, _first(empty_conditioning), buckets[0][0].shape[1:])
+        if config.caption_dropout > 0 and empty is None:
+            raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
+        if resume_from and not os.path.exists(_resolve_state_path(resume_from)):
+            raise FileNotFoundError(f"resume_from: no training state at '{_resolve_state_path(resume_from)}'")
+
+        with torch.inference_mode(False):
+            run = TrainingRun(model, sampling, buckets, empty, config, opts, cls.hidden.unique_id)
+            return run.execute(resume_from)
+
+
+class TrainingRun:
+    """One training run on a private copy of the model (the loader's model is never touched)."""
+
+    def __init__(self, model, sampling, buckets, empty, config: TrainConfig, opts: dict, node_id):
+        self.model, self.sampling, self.bridge = model, sampling, sampling.bridge
+        self.buckets, self.empty, self.config, self.opts = buckets, empty, config, opts
+        self.mode = opts["mode"]
+        self.dtype = DTYPES[opts["training_dtype"]]
+        self.run_name = opts["run_name"].strip() or "d2f_lora"
+        self.reporter = TrainingReporter(node_id, config.steps)
+        self.last_save = None
+
+    # --- files ------------------------------------------------------------------------------------
+    def lora_path(self, step: int) -> str:
+        return _output_path("loras", f"{self.run_name}_{step:06d}_steps.safetensors")
+
+    def state_path(self) -> str:
+        return _output_path("d2f_states", f"{self.run_name}.state.safetensors")
+
+    def save(self, step: int) -> str:
+        comfy.utils.save_torch_file(self.adapters.export(), self.lora_path(step))
+        save_state(self.state_path(), self.adapters.state_tensors(), self.trainer.optimizer, step,
+                   {"mode": self.mode, "rank": self.opts["rank"], "run_name": self.run_name})
+        self.last_save = self.lora_path(step)
+        self.reporter.saved(step, self.last_save)
+        return self.last_save
+
+    # --- setup ------------------------------------------------------------------------------------
+    def _private_model(self):
+        try:
+            private = self.model.clone(force_deepcopy=True)
+        except RuntimeError as exc:
+            raise ValueError("D2FTrain needs a model that comes from a loader node (Load Checkpoint / Load "
+                             f"Diffusion Model), so it can train a private copy: {exc}") from exc
+        mm.load_models_gpu([private], force_full_load=True)
+        return private
+
+    def _adapters(self, unet, device):
+        if self.mode == "lora":
+            alpha = self.opts["alpha"] or float(self.opts["rank"])
+            return LoraAdapters(unet, rank=self.opts["rank"], alpha=alpha, dtype=torch.float32, device=device,
+                                key_prefix="diffusion_model.", seed=self.config.seed)
+        return FullAdapters(unet, dtype=torch.float32, device=device, key_prefix="diffusion_model.")
+
+    def preview(self, step: int):
+        """A flow-Euler sample with the weights trained so far, shown on the node."""
+        x0_data, conds = self.data.latents[0], self.data.conds[0]
+        cond = {k: v[:1] for k, v in conds.items()}
+        uncond = self.data.empty[0] if self.data.empty is not None else None
+        g = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        sigmas = flow_sigmas(16, self.bridge.sigma_max).to(self.device)
+        noise = torch.randn((1,) + tuple(x0_data.shape[1:]), generator=g, device=self.device)
+
+        def denoise(x, sigma):
+            def x0_for(c):
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                    out = self.net(self.bridge.model_input(sigma, x), self.bridge.label(sigma).float(), **c)
+                return self.bridge.denoised(sigma, out.float(), x)
+            x0 = x0_for(cond)
+            if uncond is not None:
+                x0_u = x0_for({k: v[None] for k, v in uncond.items()})
+                x0 = x0_u + 5.0 * (x0 - x0_u)
+            return x0
+
+        with torch.no_grad():
+            x0 = sample_euler_flow(denoise, sigmas[0] * noise, sigmas)
+        self.reporter.preview(step, x0, self.model.get_model_object("latent_format"), self.device)
+
+    # --- the run ----------------------------------------------------------------------------------
+    def execute(self, resume_from: str) -> io.NodeOutput:
+        private = self._private_model()
+        try:
+            return self._train(private, resume_from)
+        finally:
+            mm.unload_model_and_clones(private)
+            mm.soft_empty_cache()
+
+    def _train(self, private, resume_from: str) -> io.NodeOutput:
+        c = self.config
+        self.device = device = private.load_device
+        unet = private.model.diffusion_model
+        unet.requires_grad_(False)
+        unet.to(self.dtype)  # the private copy only: weights in the compute dtype, so autocast casts nothing per step
+        self.data = LatentBuckets(self.buckets, device=device, dtype=torch.float32, cond_dtype=torch.float32,
+                                  empty_cond=self.empty)
+        self.adapters = adapters = self._adapters(unet, device)
+
+        def net(x, t, context, y=None):
+            return adapters(x, t, context=context, y=y, control=None, transformer_options={})
+        self.net = net
+
+        def snapshot():
+            return {k: v.detach().clone() for k, v in adapters.state_tensors().items()}
+
+        self.trainer = trainer = Trainer(net, self.bridge, adapters.parameters(), self.data, c, device=device,
+                                         autocast_dtype=None if self.dtype == torch.float32 else self.dtype,
+                                         snapshot=snapshot, restore=adapters.load_state_tensors)
+        start = 0
+        if resume_from:
+            weights, start, _ = load_state(_resolve_state_path(resume_from), trainer.optimizer, device=device)
+            adapters.load_state_tensors(weights)
+            logging.info(f"D2FTrain: resumed '{resume_from}' at step {start}")
+
+        status = "done"
+        step_done = start
+        losses: list[float] = []
+        blocks = blocks_by_class_name(unet, CHECKPOINT_BLOCKS) if self.opts["gradient_checkpointing"] else []
+        self.reporter.started(start)
+
+        def progress(step, new_losses, rate):
+            losses.extend(new_losses)
+            self.reporter.progress(step, new_losses, rate)
+
+        try:
+            with adapters.attached(), checkpointed(blocks):
+                result = trainer.run(
+                    start_step=start, should_stop=self.reporter.should_stop, on_progress=progress,
+                    on_save=self.save, save_every=self.opts["save_every"],
+                    on_preview=self.preview, preview_every=self.opts["preview_every"])
+            status, step_done = result.status, result.step
+        except NonFiniteLossError as exc:
+            path = self.save(exc.step - 1) if exc.step - 1 > start else None
+            kept = f" The last good weights were saved to {path}." if path else ""
+            raise RuntimeError(f"D2FTrain: {exc}{kept}") from None
+        except torch.OutOfMemoryError:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            raise RuntimeError(
+                f"D2FTrain ran out of GPU memory (mode {self.mode}, batch size {c.batch_size}, "
+                f"gradient checkpointing {'on' if blocks else 'off'}). Lower batch_size (use grad_accumulation "
+                "instead), turn gradient_checkpointing on, use mode lora with a lower rank, or train at a lower "
+                "resolution.") from None
+
+        if status == "interrupted":
+            mm.interrupt_current_processing(False)  # the stop ends training only: downstream saves still run
+            logging.info(f"D2FTrain: stopped at step {step_done}; keeping what was trained")
+        if status == "interrupted" or self.opts["save_every"] > 0:
+            self.save(step_done)
+        self.reporter.finished(step_done, status)
+        return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+
+    def _trained_model(self):
+        """The input model with the trained weights as patches (never merged into shared weights)."""
+        if self.mode == "lora":
+            trained, _ = comfy.sd.load_lora_for_models(self.model, None, self.adapters.export(), 1.0, 0)
+        else:
+            trained = self.model.clone()
+            trained.add_patches(self.adapters.patches())
+        if not isinstance(trained.get_model_object("model_sampling"), type(self.sampling)):
+            trained.add_object_patch("model_sampling", self.sampling)
+        return trained
+
+
+TRAIN_NODES = [D2FTrain]
