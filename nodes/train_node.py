@@ -13,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..d2f_core.adapters import FullAdapters, LoraAdapters
+from ..d2f_core.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.data import LatentBuckets
 from ..d2f_core.losses import TIME_SAMPLINGS
@@ -71,6 +71,9 @@ class D2FTrain(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
                                tooltip="Peak learning rate. LoRA: 1e-4; full fine-tune: 1e-5."),
                 io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (lora mode)."),
+                io.Combo.Input("lora_targets", options=["attention", "all"], default="attention",
+                               tooltip="attention: the transformer blocks' linear layers (the usual SD LoRA). all: also "
+                                       "every ResNet convolution and embedding (LoCon-style; larger, slower)."),
                 io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank."),
                 io.Combo.Input("loss", options=list(OBJECTIVES), default="diff2flow",
@@ -178,8 +181,9 @@ class TrainingRun:
     def _adapters(self, unet, device):
         if self.mode == "lora":
             alpha = self.opts["alpha"] or float(self.opts["rank"])
+            include = attention_only if self.opts.get("lora_targets", "attention") == "attention" else None
             return LoraAdapters(unet, rank=self.opts["rank"], alpha=alpha, dtype=torch.float32, device=device,
-                                key_prefix="diffusion_model.", seed=self.config.seed)
+                                include=include, key_prefix="diffusion_model.", seed=self.config.seed)
         return FullAdapters(unet, dtype=torch.float32, device=device, key_prefix="diffusion_model.")
 
     def preview(self, step: int):
@@ -252,7 +256,10 @@ class TrainingRun:
             self.reporter.progress(step, new_losses, rate)
 
         try:
-            with adapters.attached(), checkpointed(blocks):
+            # LoRA: hooks on the private copy. Full: the trained tensors installed in it, so that
+            # per-block checkpoint recomputation in backward sees them too.
+            active = adapters.installed() if self.mode == "full" else adapters.attached()
+            with active, checkpointed(blocks):
                 result = trainer.run(
                     start_step=start, should_stop=self.reporter.should_stop, on_progress=progress,
                     on_save=self.save, save_every=self.opts["save_every"],

@@ -1,0 +1,258 @@
+"""Training throughput: D2FTrain vs ComfyUI's own TrainLoraNode, one process, same model and data.
+
+    python bench/bench_train.py --arch sd15 sdxl --out DIR        # on the GPU machine (full-size UNets)
+    python bench/bench_train.py --tiny --out DIR                   # CPU smoke run (tiny UNets)
+
+Both nodes run through the host's executor path on the same random-weight UNet (real SD1.5 / SDXL
+architecture, fp16 checkpoint loaded by the host's own loader), the same latents and captions,
+LoRA rank 16, bf16. Throughput is read from the host's progress-bar hook (timestamps of step counts,
+warm-up steps excluded): samples/s = Δsteps·batch / Δt. Peak memory is torch's max allocated for
+the whole run, model weights included. MFU = 3 × forward FLOPs per sample × samples/s / device peak.
+This is a benchmark: it prints numbers and ratios; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Full-size architectures (the host's detector recognises these as SD15 / SDXL).
+COMMON = dict(in_channels=4, out_channels=4, image_size=32, use_spatial_transformer=True, legacy=False,
+              use_checkpoint=False, use_temporal_attention=False, use_temporal_resblock=False)
+SD15 = dict(COMMON, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
+            use_linear_in_transformer=False, adm_in_channels=None)
+SDXL = dict(COMMON, model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+            transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+            transformer_depth_middle=10, context_dim=2048, num_heads=-1, num_head_channels=64,
+            use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential")
+TINY_SD15 = dict(COMMON, model_channels=320, channel_mult=[1], num_res_blocks=[1], transformer_depth=[1],
+                 transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, num_heads=8,
+                 num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
+TINY_SDXL = dict(COMMON, model_channels=320, channel_mult=[1, 1, 1], num_res_blocks=[2, 2, 2],
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0] * 9, transformer_depth_middle=0,
+                 context_dim=2048, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True,
+                 adm_in_channels=2816, num_classes="sequential")
+
+# Dense bf16 peaks from the vendor's data sheets (SXM parts).
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
+
+
+def boot_host():
+    host = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
+    sys.path.insert(0, host)
+    import comfy.cli_args
+    import torch
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+    import nodes
+    import folder_paths
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    asyncio.run(nodes.load_custom_node(ROOT))
+    folder_paths.set_output_directory(tempfile.mkdtemp(prefix="d2f-bench-out-"))
+    import comfy.utils
+    comfy.utils.PROGRESS_THROTTLE_MIN_INTERVAL = 0.0  # every update reaches the hook: we time with it
+    comfy.utils.PROGRESS_THROTTLE_MIN_PERCENT = 0.0
+    return nodes
+
+
+def run_node(nodes, node_id: str, **inputs):
+    """Call a node as the executor does (V3: class clone + locked method), inputs as lists
+    (both trainers are list-input nodes), schema defaults for what is not given."""
+    import torch
+    from comfy_api.internal import make_locked_method_func
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    cls.VALIDATE_CLASS()
+    schema = cls.GET_SCHEMA()
+    for inp in schema.inputs:
+        if inp.id not in inputs and getattr(inp, "default", None) is not None:
+            inputs[inp.id] = inp.default
+    fn = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(None))
+    with torch.inference_mode():
+        return fn(**{k: [v] for k, v in inputs.items()})
+
+
+def write_unet(path: str, config: dict, device) -> None:
+    """A random-weight UNet file in the real key layout, written as fp16 like a released checkpoint."""
+    import comfy.model_detection
+    import comfy.utils
+    import torch
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in model_config.get_model({}).diffusion_model.state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(0)
+    sd = {}
+    for k, shape in shapes.items():
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+        if len(shape) > 1:
+            t = torch.randn(shape, generator=g, device=device) / fan_in ** 0.5
+        elif "norm" in k and k.endswith("weight"):
+            t = torch.ones(shape, device=device)
+        else:
+            t = torch.zeros(shape, device=device)
+        sd[k] = t.half().cpu()
+    comfy.utils.save_torch_file(sd, path)
+
+
+class StepClock:
+    """Records (time, step) from the host's progress hook."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def __call__(self, value, total, preview, prompt_id=None, node_id=None):
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), int(value)))
+
+    def steps_per_second(self, skip: int) -> float | None:
+        marks = [m for m in self.marks if m[1] >= skip]
+        if len(marks) < 2 or marks[-1][1] == marks[0][1]:
+            return None
+        return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+
+
+def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, steps: int, skip: int):
+    import comfy.model_management as mm
+    import comfy.utils
+    import torch
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    clock = StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock)
+    t0 = time.perf_counter()
+    error = None
+    try:
+        if trainer == "d2f":
+            run_node(nodes, "D2FTrain", model=model, latents={"samples": latents}, positive=conds, mode="lora",
+                     steps=steps, batch_size=batch, rank=16, alpha=16.0, learning_rate=1e-4,
+                     gradient_checkpointing=ckpt, training_dtype="bf16", seed=0, run_name="bench")
+        else:
+            run_node(nodes, "TrainLoraNode", model=model, latents={"samples": latents}, positive=conds,
+                     batch_size=batch, steps=steps, rank=16, learning_rate=1e-4, training_dtype="bf16",
+                     lora_dtype="bf16", gradient_checkpointing=ckpt, seed=0, existing_lora="[None]")
+    except torch.OutOfMemoryError:
+        error = "out of memory"
+    except RuntimeError as exc:
+        error = "out of memory" if "out of memory" in str(exc) else f"error: {str(exc)[:200]}"
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    rate = None if error else clock.steps_per_second(skip)
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    return {"samples_per_s": rate * batch if rate else None, "peak_gib": peak, "wall_s": wall, "error": error}
+
+
+def forward_flops(model, latents, conds) -> float | None:
+    """UNet forward FLOPs for one sample, counted by torch's FLOP counter on the real module."""
+    import comfy.model_management as mm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    mm.load_models_gpu([model], force_full_load=True)
+    unet = model.model.diffusion_model
+    device = mm.get_torch_device()
+    dtype = model.model.get_dtype()
+    x = latents[:1].to(device, dtype)
+    ctx = conds[0][0].to(device, dtype)
+    y = torch.zeros(1, 2816, device=device, dtype=dtype) if getattr(unet, "adm_in_channels", None) else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500.0], device=device), context=ctx, y=y)
+    mm.unload_all_models()
+    return float(counter.get_total_flops())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    ap.add_argument("--tiny", action="store_true", help="tiny UNets and latents (CPU smoke run)")
+    ap.add_argument("--batches", type=str, default=None, help="override batch sizes, e.g. 1,4")
+    ap.add_argument("--only", choices=["d2f", "core"], default=None)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    args = ap.parse_args(argv)
+
+    import torch
+    nodes = boot_host()
+    import comfy.sd
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="d2f-bench-")
+    rows = []
+    for arch in args.arch:
+        if args.tiny:
+            config, size, batches = (TINY_SD15, 8, [1, 2]) if arch == "sd15" else (TINY_SDXL, 8, [1])
+        else:
+            config, size, batches = (SD15, 64, [1, 4, 8]) if arch == "sd15" else (SDXL, 128, [1, 4])
+        if args.batches:
+            batches = [int(b) for b in args.batches.split(",")]
+        path = os.path.join(work, f"{arch}.safetensors")
+        write_unet(path, config, device)
+        model = comfy.sd.load_diffusion_model(path)
+        g = torch.Generator().manual_seed(0)
+        n_images = 16
+        latents = torch.randn(n_images, 4, size, size, generator=g)
+        ctx_dim = config["context_dim"]
+        extras = {"pooled_output": torch.randn(1, 1280, generator=g)} if arch == "sdxl" else {}
+        conds = [[torch.randn(1, 77, ctx_dim, generator=g), dict(extras)] for _ in range(n_images)]
+        flops = forward_flops(model, latents, conds) if device == "cuda" else None
+        for batch in batches:
+            for ckpt in (True, False):
+                row = {"arch": arch, "batch": batch, "checkpointing": ckpt}
+                for trainer in ("d2f", "core"):
+                    if args.only and trainer != args.only:
+                        continue
+                    steps, skip = ((40, 10) if trainer == "d2f" else (14, 4)) if not args.tiny else (6, 1)
+                    r = measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip)
+                    row[trainer] = r
+                    if flops and peak and r["samples_per_s"]:
+                        r["mfu"] = 3 * flops * r["samples_per_s"] / peak
+                    print(json.dumps({"arch": arch, "batch": batch, "ckpt": ckpt, "trainer": trainer, **r}), flush=True)
+                d, c = row.get("d2f", {}), row.get("core", {})
+                if d.get("samples_per_s") and c.get("samples_per_s"):
+                    row["speedup"] = d["samples_per_s"] / c["samples_per_s"]
+                rows.append(row)
+        del model
+
+    meta = {"device": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "peak_bf16": peak,
+            "tiny": args.tiny}
+    with open(os.path.join(args.out, "train_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"Training throughput, {gpu}, torch {torch.__version__}, {meta['date']} (LoRA rank 16, bf16)", "",
+             "| model | batch | ckpt | D2FTrain samples/s | TrainLoraNode samples/s | ratio | D2F peak GiB | core peak GiB | D2F MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(r, key, spec):
+        if not r:
+            return "-"
+        if r.get("error"):
+            return r["error"]
+        v = r.get(key)
+        return spec.format(v) if v is not None else "-"
+    for row in rows:
+        d, c = row.get("d2f", {}), row.get("core", {})
+        lines.append(f"| {row['arch']} | {row['batch']} | {'on' if row['checkpointing'] else 'off'} | "
+                     f"{fmt(d, 'samples_per_s', '{:.2f}')} | {fmt(c, 'samples_per_s', '{:.2f}')} | "
+                     f"{'{:.2f}×'.format(row['speedup']) if 'speedup' in row else '-'} | {fmt(d, 'peak_gib', '{:.1f}')} | "
+                     f"{fmt(c, 'peak_gib', '{:.1f}')} | {fmt(d, 'mfu', '{:.1%}')} |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "train_bench.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
