@@ -51,11 +51,32 @@ def vp_scale(sigma):
     return ((1 - sigma) ** 2 + sigma ** 2).sqrt()
 
 
+class _PerSigma:
+    """What depends on σ alone, flat (B,): σ, 1 - σ, D(σ), and the label once asked for."""
+
+    __slots__ = ("sigma", "one_minus", "d", "label")
+
+    def __init__(self, sigma: torch.Tensor):
+        self.sigma = sigma
+        self.one_minus = 1 - sigma
+        self.d = torch.hypot(self.one_minus, sigma)
+        self.label = None
+
+    @staticmethod
+    def view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        t = t.to(like.device)
+        return t.reshape(()) if t.numel() == 1 else t.reshape(t.shape[:1] + (1,) * (like.ndim - 1))
+
+
 class FlowBridge:
     """A discrete VP model's parameterisation seen from flow coordinates.
 
     ``label_offset``: 0 for checkpoints trained the standard way (index n ↔ ᾱ_n). Use 1 for
     checkpoints fine-tuned with the official Diff2Flow code, which feeds label k for ᾱ_{k-1}.
+
+    The σ-only quantities of the last σ tensor seen are kept: a host model call hands the same σ to
+    ``model_input``, ``label`` and ``denoised``, and recomputing them costs more host time than the
+    arithmetic on the latents at small batch.
     """
 
     def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps", label_offset: float = 0.0):
@@ -70,6 +91,12 @@ class FlowBridge:
         self.prediction = prediction
         self.label_offset = float(label_offset)
         self.sigmas = flow_sigma(schedule.sigmas)  # float64, increasing
+        self._last = (None, -1, None)
+
+    def __getstate__(self):  # the cache holds a live tensor: never copy or pickle it
+        state = dict(self.__dict__)
+        state["_last"] = (None, -1, None)
+        return state
 
     @property
     def sigma_min(self) -> float:
@@ -79,11 +106,27 @@ class FlowBridge:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
+    def _per_sigma(self, sigma) -> _PerSigma:
+        last, version, entry = self._last
+        if last is sigma and sigma._version == version:
+            return entry
+        flat = torch.as_tensor(sigma)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        entry = _PerSigma(flat.reshape(-1))
+        if isinstance(sigma, torch.Tensor):
+            self._last = (sigma, sigma._version, entry)
+        return entry
+
     # --- time -----------------------------------------------------------------------------------
     def label(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Network time label n(σ) = n_schedule(σ/(1-σ)) + offset, fractional, float64."""
-        sigma = torch.as_tensor(sigma)
-        return self.schedule.label(ve_sigma(sigma.to(torch.float64))) + self.label_offset
+        """Network time label n(σ) = n_schedule(σ/(1-σ)) + offset, fractional, float64, shaped like σ."""
+        entry = self._per_sigma(sigma)
+        if entry.label is None:
+            s = entry.sigma.to(torch.float64)
+            n = self.schedule.label(s / (1 - s))
+            entry.label = n + self.label_offset if self.label_offset else n
+        return entry.label.reshape(torch.as_tensor(sigma).shape)
 
     def sigma_at(self, label: torch.Tensor) -> torch.Tensor:
         """Inverse of ``label``: σ = φ(ς(n - offset))."""
@@ -92,38 +135,40 @@ class FlowBridge:
     # --- states ---------------------------------------------------------------------------------
     def model_input(self, sigma, x: torch.Tensor) -> torch.Tensor:
         """The VP state the network was trained on: x_VP = x / D(σ)."""
-        s = _as_batch(sigma, x)
-        return (x / vp_scale(s)).to(x.dtype)
+        d = _PerSigma.view(self._per_sigma(sigma).d, x)
+        return (x / d).to(x.dtype)
 
     def start_state(self, sigma, noise: torch.Tensor, x0: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
         """The sampler's first state at σ: (1-σ)·x0 + σ·ε, or with ``max_denoise`` the host's
         native start x_VE = x0 + sqrt(1+ς²)·ε mapped to flow coordinates, (1-σ)·x0 + D·ε, so that
         txt2img starts exactly where native sampling does."""
-        s = _as_batch(sigma, noise)
-        scale = vp_scale(s) if max_denoise else s
-        return (scale * noise + (1 - s) * x0).to(noise.dtype)
+        entry = self._per_sigma(sigma)
+        scale = _PerSigma.view(entry.d if max_denoise else entry.sigma, noise)
+        return (scale * noise + _PerSigma.view(entry.one_minus, noise) * x0).to(noise.dtype)
 
     def denoised(self, sigma, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x̂0 from the network output ``out`` at flow state ``x``, time σ."""
-        s = _as_batch(sigma, x)
+        if self.prediction == "x0":
+            return out.to(torch.promote_types(x.dtype, torch.float32))
+        entry = self._per_sigma(sigma)
+        s = _PerSigma.view(entry.sigma, x)
         out = out.to(torch.promote_types(out.dtype, s.dtype))
         if self.prediction == "eps":
-            x0 = (x - s * out) / (1 - s)
-        elif self.prediction == "v_prediction":
-            d = vp_scale(s)
-            x0 = ((1 - s) * x - s * d * out) / d ** 2
+            x0 = torch.addcmul(x, s, out, value=-1) / _PerSigma.view(entry.one_minus, x)
         else:
-            x0 = out
+            d = _PerSigma.view(entry.d, x)
+            x0 = (_PerSigma.view(entry.one_minus, x) * x - s * d * out) / d ** 2
         return x0.to(torch.promote_types(x.dtype, torch.float32))
 
     def velocity(self, sigma, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Flow velocity v̂ = dx/dσ = ε̂ - x̂0, in closed forms that stay finite as σ → 0."""
-        s = _as_batch(sigma, x)
+        entry = self._per_sigma(sigma)
+        s = _PerSigma.view(entry.sigma, x)
         out = out.to(torch.promote_types(out.dtype, s.dtype))
         if self.prediction == "eps":
-            v = (out - x) / (1 - s)
+            v = (out - x) / _PerSigma.view(entry.one_minus, x)
         elif self.prediction == "v_prediction":
-            d = vp_scale(s)
+            d = _PerSigma.view(entry.d, x)
             v = ((2 * s - 1) * x + d * out) / d ** 2
         else:
             v = (x - out) / s

@@ -98,25 +98,33 @@ class DiscreteSchedule:
         return float(self.sigmas[-1])
 
     def _log_table(self, device) -> torch.Tensor:
-        # One copy per device, made once: a host→device copy per sampler step would be a sync.
+        return self._tables(device)[0]
+
+    def _tables(self, device):
+        """(log ς table, interior breakpoints, per-segment slope W_i, intercept C_i) on ``device``.
+
+        Made once per device: a host→device copy per sampler step would be a host sync.
+        """
         key = str(device)
         if key not in self._on_device:
-            self._on_device[key] = self.log_sigmas.to(device)
+            log = self.log_sigmas
+            slope = 1.0 / (log[1:] - log[:-1])
+            intercept = torch.arange(len(log) - 1, dtype=torch.float64) - log[:-1] * slope
+            self._on_device[key] = tuple(t.to(device) for t in (log, log[1:-1].contiguous(), slope, intercept))
         return self._on_device[key]
 
     def label(self, ve_sigma: torch.Tensor) -> torch.Tensor:
         """Fractional table index n with ς(n) = ``ve_sigma``, inverting the log-linear interpolation.
 
-        n = i + (log ς - log ς_i) / (log ς_{i+1} - log ς_i) for ς_i ≤ ς ≤ ς_{i+1}; clamped to
-        [0, T-1] outside the table (the network never saw labels beyond it). float64 result.
+        On segment i (log ς_i ≤ log ς ≤ log ς_{i+1}): n = i + (log ς - log ς_i)/(log ς_{i+1} - log ς_i),
+        evaluated as C_i + W_i·log ς from per-segment tables. Clamped to [0, T-1] outside the table
+        (the network never saw labels beyond it). float64 result.
         """
         ve_sigma = torch.as_tensor(ve_sigma)
-        table = self._log_table(ve_sigma.device)
-        log_sigma = ve_sigma.to(torch.float64).log()
-        i = (torch.searchsorted(table, log_sigma.contiguous()) - 1).clamp(0, len(table) - 2)
-        lo, hi = table[i], table[i + 1]
-        n = i.to(torch.float64) + (log_sigma - lo) / (hi - lo)
-        return n.clamp(0, len(table) - 1)
+        log, inner, slope, intercept = self._tables(ve_sigma.device)
+        log_sigma = ve_sigma.to(torch.float64).log().clamp(log[0], log[-1])
+        i = torch.searchsorted(inner, log_sigma.contiguous())
+        return torch.addcmul(intercept[i], log_sigma, slope[i])
 
     def sigma(self, label: torch.Tensor) -> torch.Tensor:
         """ς(t) by log-linear interpolation of the table (the host's ``ModelSamplingDiscrete.sigma``)."""

@@ -17,6 +17,7 @@ from ..d2f_core.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.data import LatentBuckets
 from ..d2f_core.losses import TIME_SAMPLINGS
+from ..d2f_core.precision import cast_for_training
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.state import load_state, save_state
 from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
@@ -224,7 +225,7 @@ class TrainingRun:
         self.device = device = private.load_device
         unet = private.model.diffusion_model
         unet.requires_grad_(False)
-        unet.to(self.dtype)  # the private copy only: weights in the compute dtype, so autocast casts nothing per step
+        cast_for_training(unet, self.dtype)  # the private copy only
         self.data = LatentBuckets(self.buckets, device=device, dtype=torch.float32, cond_dtype=torch.float32,
                                   empty_cond=self.empty)
         self.adapters = adapters = self._adapters(unet, device)
