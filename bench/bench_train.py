@@ -167,7 +167,7 @@ def forward_flops(model, latents, conds) -> float | None:
     dtype = model.model.get_dtype()
     x = latents[:1].to(device, dtype)
     ctx = conds[0][0].to(device, dtype)
-    y = torch.zeros(1, 2816, device=device, dtype=dtype) if getattr(unet, "adm_in_channels", None) else None
+    y = torch.zeros(1, unet.label_emb[0][0].in_features, device=device, dtype=dtype) if unet.num_classes is not None else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(x, torch.tensor([500.0], device=device), context=ctx, y=y)
     mm.unload_all_models()

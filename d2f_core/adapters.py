@@ -210,16 +210,22 @@ class _LoraPair(nn.Module):
         self.up = nn.Parameter(up.to(device=device, dtype=dtype))
         self.scale = scale
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(α/r)·up(down(x)), with the factors cast (differentiably) to ``dtype`` when given: the
+        low-rank path then runs in the activations' precision, as autocast would run it, and the scale
+        is folded into the small up factor rather than applied to the activations."""
+        down, up = self.down, self.up * self.scale
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
         if not self.is_conv:
-            return F.linear(F.linear(x, self.down), self.up)
+            return F.linear(F.linear(x, down), up)
         if self.padding_mode != "zeros":
             # Same padding as nn.Conv2d._conv_forward, so merged and bypass weights see the same pixels.
-            h = F.conv2d(F.pad(x, self.reversed_padding, mode=self.padding_mode), self.down, None,
+            h = F.conv2d(F.pad(x, self.reversed_padding, mode=self.padding_mode), down, None,
                          self.stride, 0, self.dilation)
         else:
-            h = F.conv2d(x, self.down, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(h, self.up)
+            h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, up)
 
 
 def _lora_hook(pair: _LoraPair):
@@ -230,11 +236,9 @@ def _lora_hook(pair: _LoraPair):
             raise RuntimeError(f"LoRA hook on {type(module).__name__}: input passed by keyword; "
                                "bypass LoRA needs it positional")
         x = inputs[0]
-        if not _autocast_enabled(x.device.type):
-            # fp16/bf16 activations against fp32 factors: compute the low-rank path in the factors' dtype.
-            # Under autocast the op casts both sides itself, and an explicit cast would defeat it.
-            x = x.to(pair.down.dtype)
-        return output + (pair.delta(x) * pair.scale).to(output.dtype)
+        # Under autocast the ops cast both sides themselves; otherwise compute in the activations' dtype.
+        dtype = None if _autocast_enabled(x.device.type) else x.dtype
+        return output + pair.delta(x, dtype).to(output.dtype)
     return hook
 
 

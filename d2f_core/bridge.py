@@ -51,6 +51,10 @@ def vp_scale(sigma):
     return ((1 - sigma) ** 2 + sigma ** 2).sqrt()
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
 class _PerSigma:
     """What depends on σ alone, flat (B,): σ, 1 - σ, D(σ), and the label once asked for."""
 
@@ -107,15 +111,23 @@ class FlowBridge:
         return float(self.sigmas[-1])
 
     def _per_sigma(self, sigma) -> _PerSigma:
+        """σ-only quantities, reused while the same σ tensor comes back unchanged.
+
+        A tensor's version counter proves it unchanged. Tensors made under ``torch.inference_mode()``
+        (every host node runs there) have none: for those, identity alone is the key. The cache keeps
+        the tensor alive, so its memory cannot be reused by another σ; only an in-place write to the
+        very tensor between two calls could go unseen, and the host's model call builds a fresh σ
+        tensor for every evaluation and never writes to it.
+        """
         last, version, entry = self._last
-        if last is sigma and sigma._version == version:
+        if last is sigma and version == _version_of(sigma):
             return entry
         flat = torch.as_tensor(sigma)
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()
         entry = _PerSigma(flat.reshape(-1))
         if isinstance(sigma, torch.Tensor):
-            self._last = (sigma, sigma._version, entry)
+            self._last = (sigma, _version_of(sigma), entry)
         return entry
 
     # --- time -----------------------------------------------------------------------------------

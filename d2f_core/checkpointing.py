@@ -20,7 +20,9 @@ def _checkpointing_forward(forward):
     def wrapped(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False)
+        # No RNG state saving: the networks we train have no dropout, and reading the CUDA RNG state
+        # is not allowed while a CUDA graph is being captured.
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False, preserve_rng_state=False)
     return wrapped
 
 

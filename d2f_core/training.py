@@ -108,19 +108,20 @@ class TrainResult:
 class Trainer:
     """Runs ``config.steps`` optimizer steps of Diff2Flow (or native) training.
 
-    ``net(x_in, label, **cond) -> output`` is the network with its trainable adaptation applied;
+    ``net(x_in, label, **cond) -> output`` is the network with its trainable adaptation applied, fed in
+    ``compute_dtype`` (the dtype of its weights); the loss is always taken in float32 or better;
     ``params`` the tensors to train; ``snapshot()``/``restore(state)`` give the last good state back
     after a non-finite loss. Caption dropout swaps a sample's conditioning for the data's empty prompt
     with probability ``caption_dropout``.
     """
 
     def __init__(self, net: Callable, bridge: FlowBridge, params: list[torch.nn.Parameter], data: LatentBuckets,
-                 config: TrainConfig, device=None, autocast_dtype: torch.dtype | None = None,
+                 config: TrainConfig, device=None, compute_dtype: torch.dtype = torch.float32,
                  snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None):
         config.validate()
         self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
         self.device = torch.device(device) if device is not None else data.latents[0].device
-        self.autocast_dtype = autocast_dtype
+        self.compute_dtype = compute_dtype
         self.snapshot, self.restore = snapshot, restore
         self.optimizer = make_optimizer(config, params)
         self.sigma_range = (bridge.sigma_min, bridge.sigma_max)
@@ -148,10 +149,9 @@ class Trainer:
                               generator=generator, device=self.device)
         noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         x = interpolate(x0, noise, sigma)
-        x_in = self.bridge.model_input(sigma, x)
+        x_in = self.bridge.model_input(sigma, x).to(self.compute_dtype)
         label = self.bridge.label(sigma).float()
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.net(x_in, label, **cond)
+        out = self.net(x_in, label, **{k: v.to(self.compute_dtype) for k, v in cond.items()})
         if c.objective == "diff2flow":
             return diff2flow_loss(self.bridge, out, x, x0, noise, sigma).mean()
         return native_loss(self.bridge, out, x0, noise, sigma).mean()

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..d2f_core.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.data import LatentBuckets
+from ..d2f_core.graphs import GraphedNet
 from ..d2f_core.losses import TIME_SAMPLINGS
 from ..d2f_core.precision import cast_for_training
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
@@ -93,6 +94,9 @@ class D2FTrain(io.ComfyNode):
                                  tooltip="Recompute activations in backward: much less memory, ~30% slower."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
+                io.Boolean.Input("cuda_graphs", default=True, advanced=True,
+                                 tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
+                                         "batch. Falls back to normal execution by itself if capture fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, times and batches."),
@@ -198,8 +202,7 @@ class TrainingRun:
 
         def denoise(x, sigma):
             def x0_for(c):
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                    out = self.net(self.bridge.model_input(sigma, x), self.bridge.label(sigma).float(), **c)
+                out = self.net(self.bridge.model_input(sigma, x).to(self.dtype), self.bridge.label(sigma).float(), **c)
                 return self.bridge.denoised(sigma, out.float(), x)
             x0 = x0_for(cond)
             if uncond is not None:
@@ -225,21 +228,26 @@ class TrainingRun:
         self.device = device = private.load_device
         unet = private.model.diffusion_model
         unet.requires_grad_(False)
-        cast_for_training(unet, self.dtype)  # the private copy only
-        self.data = LatentBuckets(self.buckets, device=device, dtype=torch.float32, cond_dtype=torch.float32,
+        channels_last = device.type == "cuda"
+        cast_for_training(unet, self.dtype, channels_last)  # the private copy only
+        self.data = LatentBuckets(self.buckets, device=device, dtype=torch.float32, cond_dtype=self.dtype,
                                   empty_cond=self.empty)
         self.adapters = adapters = self._adapters(unet, device)
 
         def net(x, t, context, y=None):
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             return adapters(x, t, context=context, y=y, control=None, transformer_options={})
         self.net = net
+        use_graphs = device.type == "cuda" and self.opts.get("cuda_graphs", True)
+        train_net = GraphedNet(net, adapters.parameters()) if use_graphs else net
 
         def snapshot():
             return {k: v.detach().clone() for k, v in adapters.state_tensors().items()}
 
-        self.trainer = trainer = Trainer(net, self.bridge, adapters.parameters(), self.data, c, device=device,
-                                         autocast_dtype=None if self.dtype == torch.float32 else self.dtype,
-                                         snapshot=snapshot, restore=adapters.load_state_tensors)
+        self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
+                                         compute_dtype=self.dtype, snapshot=snapshot,
+                                         restore=adapters.load_state_tensors)
         start = 0
         if resume_from:
             weights, start, _ = load_state(_resolve_state_path(resume_from), trainer.optimizer, device=device)

@@ -198,3 +198,19 @@ def test_schedule_from_custom_table_and_validation():
     assert float(sched.label(torch.tensor(math.sqrt(0.1 * 0.5)))) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         DiscreteSchedule(torch.tensor([0.5, 0.1]))
+
+
+def test_per_sigma_cache_sees_in_place_changes_and_inference_tensors():
+    bridge = FlowBridge(SD, "eps")
+    sigma = bridge.sigmas[[100, 200]].clone()
+    first = bridge.label(sigma).clone()
+    sigma.copy_(bridge.sigmas[[300, 400]])  # same tensor, new values: the version counter moves
+    assert torch.allclose(bridge.label(sigma), torch.tensor([300.0, 400.0], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(first, torch.tensor([100.0, 200.0], dtype=torch.float64), atol=1e-9)
+    with torch.inference_mode():  # how the host calls: no version counter, identity is the key
+        s = bridge.sigmas[[500]].clone()
+        x = torch.ones(1, 4, 2, 2, dtype=torch.float64)
+        assert float(bridge.label(s)) == pytest.approx(500, abs=1e-9)
+        assert torch.allclose(bridge.model_input(s, x), x / vp_scale(s).reshape(-1, 1, 1, 1))
+        t = bridge.sigmas[[600]].clone()
+        assert float(bridge.label(t)) == pytest.approx(600, abs=1e-9)
