@@ -1,7 +1,8 @@
 """Training data: latent buckets with per-sample conditioning, kept on the training device.
 
 A bucket holds images of one resolution: latents (N, C, H, W) in the model's working scale and a dict
-of conditioning tensors with a leading N (e.g. ``context`` (N, 77, 768), SDXL's ``y`` (N, 2816)).
+of conditioning tensors with a leading N (e.g. ``context`` (N, 77, 768), SDXL's ``y`` (N, 2816)), and
+for Reflow couplings the noise (N, C, H, W) each latent was generated from.
 Batches are drawn on the device with a device generator, so drawing never waits on the GPU.
 """
 
@@ -52,13 +53,13 @@ class LatentBuckets:
     uniformly with replacement when the bucket is smaller than the batch, without otherwise.
     """
 
-    def __init__(self, buckets: list[tuple[torch.Tensor, list[dict[str, torch.Tensor]]]], device=None,
+    def __init__(self, buckets: list[tuple], device=None,
                  dtype=torch.float32, cond_dtype=None, channels: int | None = None,
                  empty_cond: dict[str, torch.Tensor] | None = None):
-        if not buckets or all(lat.shape[0] == 0 for lat, _ in buckets):
+        if not buckets or all(bucket[0].shape[0] == 0 for bucket in buckets):
             raise DatasetError("the dataset is empty: give at least one latent image and its caption")
-        self.latents, self.conds = [], []
-        for i, (latents, conds) in enumerate(buckets):
+        self.latents, self.conds, self.noise = [], [], []
+        for i, (latents, conds, *noise) in enumerate(buckets):
             if latents.ndim != 4:
                 raise DatasetError(f"bucket {i}: latents must be (N, C, H, W), got shape {tuple(latents.shape)}")
             if channels is not None and latents.shape[1] != channels:
@@ -69,7 +70,12 @@ class LatentBuckets:
             if len(conds) != latents.shape[0]:
                 raise DatasetError(f"bucket {i}: {latents.shape[0]} images but {len(conds)} captions; "
                                    "give one caption per image, or a single caption for all")
+            if noise and noise[0] is not None and noise[0].shape != latents.shape:
+                raise DatasetError(f"bucket {i}: the couplings' noise has shape {tuple(noise[0].shape)}, their "
+                                   f"latents {tuple(latents.shape)}")
             self.latents.append(latents.detach().clone().to(device=device, dtype=dtype))
+            self.noise.append(noise[0].detach().clone().to(device=device, dtype=dtype)
+                              if noise and noise[0] is not None else None)
             self.conds.append({k: v.to(device=device, dtype=cond_dtype or v.dtype)
                                for k, v in stack_conditioning(conds).items()})
         self.sizes = [lat.shape[0] for lat in self.latents]
@@ -100,10 +106,12 @@ class LatentBuckets:
         return rng.choices(range(len(self.sizes)), weights=self.sizes)[0] if len(self.sizes) > 1 else 0
 
     def sample(self, bucket: int, batch_size: int, generator: torch.Generator):
-        latents, conds = self.latents[bucket], self.conds[bucket]
+        """(x0, conditioning, noise) of ``batch_size`` samples; noise is None unless the bucket holds
+        Reflow couplings (each x0 paired with the noise it was generated from)."""
+        latents, conds, noise = self.latents[bucket], self.conds[bucket], self.noise[bucket]
         n = latents.shape[0]
         if n >= batch_size:
             idx = torch.randperm(n, generator=generator, device=latents.device)[:batch_size]
         else:
             idx = torch.randint(0, n, (batch_size,), generator=generator, device=latents.device)
-        return latents[idx], {k: v[idx] for k, v in conds.items()}
+        return latents[idx], {k: v[idx] for k, v in conds.items()}, (noise[idx] if noise is not None else None)

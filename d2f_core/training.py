@@ -24,6 +24,7 @@ import torch
 from .bridge import FlowBridge, interpolate
 from .data import LatentBuckets
 from .losses import diff2flow_loss, native_loss, sample_sigmas
+from .scheduled_sampling import ScheduledSampling, rollout
 
 OBJECTIVES = ("diff2flow", "native")
 LR_SCHEDULES = ("constant", "cosine")
@@ -55,6 +56,7 @@ class TrainConfig:
     caption_dropout: float = 0.0
     seed: int = 0
     sync_every: int = 10
+    scheduled_sampling: ScheduledSampling = field(default_factory=ScheduledSampling)
 
     def validate(self):
         if self.objective not in OBJECTIVES:
@@ -67,6 +69,7 @@ class TrainConfig:
             raise ValueError("steps, batch size and gradient accumulation must be at least 1")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError("caption dropout is a probability in [0, 1]")
+        self.scheduled_sampling.validate()
 
 
 def learning_rate_at(config: TrainConfig, step: int) -> float:
@@ -142,16 +145,33 @@ class Trainer:
         empty = self.data.empty[bucket]
         return {k: torch.where(drop.reshape((batch,) + (1,) * (v.ndim - 1)), empty[k], v) for k, v in cond.items()}
 
-    def loss(self, x0: torch.Tensor, cond: dict, generator: torch.Generator) -> torch.Tensor:
-        """Mean Diff2Flow (or native) loss of one micro-batch; differentiable."""
+    def _net_output(self, sigma: torch.Tensor, x: torch.Tensor, cond: dict) -> torch.Tensor:
+        x_in = self.bridge.model_input(sigma, x).to(self.compute_dtype)
+        return self.net(x_in, self.bridge.label(sigma).float(), **cond)
+
+    def loss(self, x0: torch.Tensor, cond: dict, generator: torch.Generator, noise: torch.Tensor | None = None,
+             offsets: list[int] | None = None) -> torch.Tensor:
+        """Mean Diff2Flow (or native) loss of one micro-batch; differentiable.
+
+        ``noise``: the pairs' own noise (Reflow couplings), else drawn. ``offsets``: scheduled-sampling
+        rollout lengths per sample (0: the clean interpolant).
+        """
         c = self.config
         sigma = sample_sigmas(x0.shape[0], *self.sigma_range, mode=c.time_sampling, shift=c.time_shift,
                               generator=generator, device=self.device)
-        noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
-        x = interpolate(x0, noise, sigma)
-        x_in = self.bridge.model_input(sigma, x).to(self.compute_dtype)
-        label = self.bridge.label(sigma).float()
-        out = self.net(x_in, label, **{k: v.to(self.compute_dtype) for k, v in cond.items()})
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        cond = {k: v.to(self.compute_dtype) for k, v in cond.items()}
+        if offsets and any(offsets):
+            ss = c.scheduled_sampling
+            spacing = (self.sigma_range[1] - self.sigma_range[0]) / ss.solver_steps
+
+            def velocity(x, s):
+                return self.bridge.velocity(s, self._net_output(s, x, cond).float(), x)
+            x = rollout(velocity, x0, noise, sigma, offsets, spacing, self.sigma_range[1])
+        else:
+            x = interpolate(x0, noise, sigma)
+        out = self._net_output(sigma, x, cond)
         if c.objective == "diff2flow":
             return diff2flow_loss(self.bridge, out, x, x0, noise, sigma).mean()
         return native_loss(self.bridge, out, x0, noise, sigma).mean()
@@ -166,9 +186,13 @@ class Trainer:
         for micro in range(c.grad_accumulation):
             g = self._generator(step, micro)
             bucket = self.data.choose_bucket(bucket_rng)
-            x0, cond = self.data.sample(bucket, c.batch_size, g)
+            x0, cond, noise = self.data.sample(bucket, c.batch_size, g)
             cond = self._drop_captions(bucket, cond, g)
-            loss = self.loss(x0, cond, g) / c.grad_accumulation
+            offsets = None
+            if c.scheduled_sampling.active:  # its own host RNG: turning it off leaves every other draw as it was
+                ss_rng = random.Random(c.seed * 104_729 + step * 31 + micro)
+                offsets = c.scheduled_sampling.draw_offsets(ss_rng, c.batch_size, step, c.steps)
+            loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
             loss.backward()
             total += loss.detach()
         if c.max_grad_norm > 0:

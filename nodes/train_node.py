@@ -19,6 +19,7 @@ from ..d2f_core.data import LatentBuckets
 from ..d2f_core.graphs import GraphedNet
 from ..d2f_core.losses import TIME_SAMPLINGS
 from ..d2f_core.precision import cast_for_training
+from ..d2f_core.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.state import load_state, save_state
 from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
@@ -99,6 +100,19 @@ class D2FTrain(io.ComfyNode):
                                          "batch. Falls back to normal execution by itself if capture fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
+                io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
+                               tooltip="Scheduled sampling: probability that a sample is trained on the state the "
+                                       "model's own Euler solver reaches from a few steps earlier (corrects exposure "
+                                       "bias). 0 = off."),
+                io.Combo.Input("ss_ramp", options=list(RAMPS), default="linear", advanced=True,
+                               tooltip="How the scheduled-sampling probability grows from 0 over the run."),
+                io.Int.Input("ss_max_offset", default=0, min=0, max=50, advanced=True,
+                             tooltip="Scheduled sampling: the most solver steps a rollout starts before the training "
+                                     "time (each costs one extra forward pass, no backward). 0 = off."),
+                io.Combo.Input("ss_strategy", options=list(STRATEGIES), default="uniform", advanced=True,
+                               tooltip="How rollout lengths are drawn: uniform, early (short ones likelier), late (long ones likelier)."),
+                io.Int.Input("ss_solver_steps", default=25, min=1, max=1000, advanced=True,
+                             tooltip="The sampler grid whose step size one rollout step takes: the step count you sample with."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, times and batches."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
                              tooltip="Save the LoRA and a resumable state every N steps (0: only at the end)."),
@@ -129,7 +143,11 @@ class D2FTrain(io.ComfyNode):
             learning_rate=opts["learning_rate"], warmup_steps=opts["warmup_steps"], lr_schedule=opts["lr_schedule"],
             optimizer=opts["optimizer"], objective=opts["loss"], time_sampling=opts["time_sampling"],
             time_shift=opts["time_shift"], caption_dropout=opts["caption_dropout"], seed=opts["seed"],
-            sync_every=1 if mm.get_torch_device().type == "cpu" else 10)
+            sync_every=1 if mm.get_torch_device().type == "cpu" else 10,
+            scheduled_sampling=ScheduledSampling(
+                probability=opts.get("ss_probability", 0.0), ramp=opts.get("ss_ramp", "linear"),
+                max_offset=opts.get("ss_max_offset", 0), strategy=opts.get("ss_strategy", "uniform"),
+                solver_steps=opts.get("ss_solver_steps", 25)))
         config.validate()
 
         # Everything that can be wrong with the inputs fails here, before any GPU work.

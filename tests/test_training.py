@@ -129,7 +129,7 @@ def test_objectives_differ_by_the_diff2flow_weight():
     net = TinyNet()
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     data = dataset()
-    x0, cond = data.sample(0, 4, torch.Generator().manual_seed(0))
+    x0, cond, _ = data.sample(0, 4, torch.Generator().manual_seed(0))
     d2f = make_trainer(net, TrainConfig(objective="diff2flow")).loss(x0, cond, g1)
     nat = make_trainer(net, TrainConfig(objective="native")).loss(x0, cond, g2)
     assert float(d2f.detach()) > float(nat.detach())  # weights 1/(1-σ)² ≥ 1 for ε-models
