@@ -1,0 +1,377 @@
+"""``d2f demo``: Diff2Flow end to end on CPU in a few minutes, on data that ships with the package.
+
+1. Data: the 1797 8×8 digits (``datasets.py``), x0 = 2·p/16 - 1 ∈ [-1, 1], resized to ``size``² (16² by default).
+2. Two tiny UNets (``tiny_unet.py``) trained from scratch on the **native** discrete objective of the
+   Stable Diffusion schedule (``DiscreteSchedule.stable_diffusion()``, T = 1000): n ~ U{0 … 999},
+
+       x_VP = sqrt(ᾱ_n)·x0 + sqrt(1-ᾱ_n)·ε,   loss ‖ε̂ - ε‖²  (ε-model)  or  ‖v̂ - v‖², v = sqrt(ᾱ_n)·ε - sqrt(1-ᾱ_n)·x0.
+
+   Written through the bridge (DESIGN §2) this is σ = φ(ς_n) = ς_n/(1+ς_n), x = (1-σ)·x0 + σ·ε,
+   net input x/D(σ) = x_VP, label n(σ) = n, target ``FlowBridge.native_target`` (= ε or v): the
+   same numbers up to float32 rounding of σ (label error < 1e-4).
+3. Each model is sampled twice from the same noise over the same integer labels n_0 > … > n_{k-1}
+   (the host's ``simple`` scheduler, n_i = 999 - ⌊1000·i/k⌋, then the clean state):
+
+   * natively: DDIM (η = 0) in VP coordinates over ᾱ_{n_i}, network label n_i;
+   * as a flow model (zero-shot, no training): Euler on dx/dσ = (x - x̂0)/σ over σ_i = φ(ς_{n_i}),
+     with x̂0 = ``bridge.denoised``(σ, net(x/D, n(σ)), x).
+
+   Start states are one noise in three coordinates: x_VE = sqrt(1+ς_0²)·ε (the host's full-denoise
+   start), x_VP = x_VE/sqrt(1+ς_0²) = ε (DDIM's usual x_T), x_flow = (1-σ_0)·x_VE = D(σ_0)·ε
+   (``bridge.start_state`` with max_denoise). DESIGN §2 says the two runs are the same computation, so the
+   final samples must agree to float32 error; the demo prints the max |Δ| per model and step count.
+4. A few-step quality table: Fréchet distance between generated samples and held-out real digits in a
+   fixed feature space, the top-k principal components of the *training* digits' pixels (so the
+   space never sees a generated sample). FD = ‖μ_g - μ_r‖² + tr(C_g + C_r - 2·(C_g^½ C_r C_g^½)^½).
+   Rows are (model, sampler) pairs, columns step counts; new rows (fine-tuned, Reflow) are new
+   entries in the ``variants`` or ``SAMPLERS`` lists.
+5. A PNG grid, one labelled row per (model, sampler, steps), the same noise in every column.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .bridge import FlowBridge, flow_sigma
+from .datasets import digits_tensor, split_indices
+from .losses import training_loss
+from .png import image_grid, to_uint8, write_png
+from .progress import ProgressBar
+from .samplers import sample_ddim, sample_euler_flow
+from .schedule import DiscreteSchedule
+from .tiny_unet import TinyUNet, count_parameters
+
+QUALITY_STEPS = (1, 2, 4, 8, 25, 50)
+PREDICTIONS = (("eps", "eps"), ("v", "v_prediction"))  # (short name, FlowBridge prediction)
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo; defaults are the measured ~2.5-minute run on 2 CPU cores."""
+
+    steps_train: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 50
+    ema_decay: float = 0.995
+    size: int = 16                     # image side in pixels (the 8×8 digits are resized to size×size)
+    channels: tuple = (16, 32, 64)     # TinyUNet width per resolution
+    n_samples: int = 256               # generated per (model, sampler, steps); also the FD sample size
+    sample_steps: tuple = QUALITY_STEPS
+    held_out: float = 0.2              # fraction of the digits never trained on (the FD reference set)
+    pca_dim: int = 16
+    grid_columns: int = 16
+    n_check64: int = 16                # samples re-run in float64 for the exactness check
+    seed: int = 0
+    threads: int = 2
+
+    def validate(self) -> "DemoConfig":
+        """Raise ValueError with a user-facing message for settings the demo cannot run with."""
+        factor = 2 ** (len(self.channels) - 1)
+        if self.size < factor or self.size % factor:
+            raise ValueError(f"size must be a positive multiple of {factor} (the UNet halves it "
+                             f"{len(self.channels) - 1} times), got {self.size}")
+        if self.steps_train < 1 or self.batch_size < 1:
+            raise ValueError("steps_train and batch_size must be at least 1")
+        if self.n_samples < 2:
+            raise ValueError("samples must be at least 2 (the Frechet distance needs a covariance)")
+        if not self.sample_steps or min(self.sample_steps) < 1:
+            raise ValueError(f"sample steps must be positive integers, got {self.sample_steps}")
+        return self
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """A seconds-long smoke run: barely trained nets, still an exact DDIM ≡ flow-Euler check.
+
+        One thread: on a busy machine (parallel test runners) two OpenMP threads that spin-wait on each
+        other ran this 4-5× slower than one (49 s vs 11 s measured); idle, one costs ~2 s more."""
+        base = cls(steps_train=40, batch_size=32, warmup=5, n_samples=64, sample_steps=(1, 2, 4, 8), pca_dim=8,
+                   grid_columns=8, threads=1)
+        return replace(base, **overrides)
+
+
+# --- schedule grids --------------------------------------------------------------------------------
+def simple_labels(steps: int, timesteps: int = 1000) -> list[int]:
+    """The host's ``simple`` scheduler as integer labels: n_i = T-1 - ⌊T·i/k⌋, i = 0 … k-1.
+
+    Every label is a table entry, so native sampling (which rounds to the nearest integer label) is
+    exact on it and the comparison with the bridge's fractional label is fair.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    return [timesteps - 1 - int(i * timesteps / steps) for i in range(steps)]
+
+
+# --- training --------------------------------------------------------------------------------------
+def _lr_at(step: int, cfg: DemoConfig) -> float:
+    # Linear warm-up then cosine to zero: a short run ends on small steps, which EMA alone does not give.
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps_train - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_native(net: TinyUNet, bridge: FlowBridge, x_train: torch.Tensor, cfg: DemoConfig, desc: str,
+                 seed: int) -> tuple[TinyUNet, dict]:
+    """Native discrete training, written with the bridge (module docstring, step 2). Returns the EMA net."""
+    g = torch.Generator().manual_seed(seed)
+    table = bridge.schedule.sigmas  # ς_n, float64
+    opt_kwargs = {"fused": True} if _fused_adamw_ok() else {}
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0, **opt_kwargs)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    ema_params, params = list(ema.parameters()), list(net.parameters())
+    t0 = time.perf_counter()
+    losses = []
+    with ProgressBar(cfg.steps_train, desc) as bar:
+        for step in range(cfg.steps_train):
+            idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g)
+            x0 = x_train[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            n = torch.randint(0, len(table), (cfg.batch_size,), generator=g)
+            sigma = flow_sigma(table[n]).float()
+            loss = training_loss(bridge, net, x0, noise, sigma, objective="native").mean()
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # EMA with a warm-up so the average is not dominated by the random init in a short run.
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema_params, params):
+                    p_ema.lerp_(p, 1 - decay)
+            losses.append(float(loss.detach()))
+            bar.update(1, loss=sum(losses[-50:]) / len(losses[-50:]))
+    tail = losses[-max(1, len(losses) // 10):]
+    return ema, {"seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail), "first_loss": losses[0]}
+
+
+def _fused_adamw_ok() -> bool:
+    # Fused AdamW on CPU exists in recent torch (about 20 % faster here); older builds raise.
+    try:
+        p = torch.nn.Parameter(torch.zeros(1))
+        torch.optim.AdamW([p], fused=True)
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+# --- samplers --------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_native_ddim(net, bridge: FlowBridge, noise: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """DDIM (η = 0) in VP coordinates over ᾱ_{n_0} < … < ᾱ_{n_{k-1}} < 1, integer labels.
+
+    A v-model's output is turned into ε̂ by the VP identity ε = sqrt(1-ᾱ)·x_VP + sqrt(ᾱ)·v.
+    Starts at x_VP = ε (= x_VE / sqrt(1+ς_0²) for the host's start x_VE = sqrt(1+ς_0²)·ε); returns x0 (ᾱ = 1).
+    """
+    alphas_bar = bridge.schedule.alphas_bar
+    abar = [float(alphas_bar[n]) for n in labels] + [1.0]
+    label_of = {a: n for a, n in zip(abar, labels)}  # sample_ddim hands back exactly these floats
+    batch = noise.shape[0]
+
+    def eps_model(x_vp, a):
+        out = net(x_vp, torch.full((batch,), float(label_of[a])))
+        if bridge.prediction == "eps":
+            return out
+        if bridge.prediction == "v_prediction":
+            return (1 - a) ** 0.5 * x_vp + a ** 0.5 * out
+        raise ValueError(f"native DDIM here supports eps and v_prediction, not {bridge.prediction}")
+
+    return sample_ddim(eps_model, noise, abar)
+
+
+@torch.no_grad()
+def sample_flow_euler(net, bridge: FlowBridge, noise: torch.Tensor, labels: list[int]) -> torch.Tensor:
+    """The same network read as a flow model: Euler over σ_i = φ(ς_{n_i}), then σ = 0.
+
+    x̂0(x, σ) = bridge.denoised(σ, net(x/D(σ), n(σ)), x); start x = (1-σ_0)·sqrt(1+ς_0²)·ε = D(σ_0)·ε,
+    the host's full-denoise start in flow coordinates; returns x at σ = 0.
+    """
+    sigmas = torch.cat([flow_sigma(bridge.schedule.sigmas[labels]), torch.zeros(1, dtype=torch.float64)])
+
+    def denoiser(x, sigma):
+        out = net(bridge.model_input(sigma, x), bridge.label(sigma).float())
+        return bridge.denoised(sigma, out, x)
+
+    x = bridge.start_state(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
+    return sample_euler_flow(denoiser, x, sigmas)
+
+
+NATIVE, FLOW = "native DDIM", "flow Euler 0-shot"
+# (table name, grid tag, sampler): the tables and the grid iterate over this; e.g. a Reflow sampler goes here.
+SAMPLERS = ((NATIVE, "DDIM", sample_native_ddim), (FLOW, "FLOW", sample_flow_euler))
+
+
+# --- metric ----------------------------------------------------------------------------------------
+class PixelPCAFrechet:
+    """Fréchet distance between Gaussians fitted to k-dim features f = (x - μ_train)·V_k, where V_k
+    are the top-k principal directions of the training digits' pixels (float64 throughout)."""
+
+    def __init__(self, real_train: torch.Tensor, k: int):
+        flat = real_train.flatten(1).double()
+        self.mean = flat.mean(0)
+        cov = torch.cov((flat - self.mean).T)
+        evals, evecs = torch.linalg.eigh(cov)
+        self.k = min(k, flat.shape[1])
+        self.basis = evecs[:, -self.k:].flip(1)
+        self.explained = float(evals[-self.k:].sum() / evals.sum())
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.flatten(1).double().clamp(-1, 1) - self.mean) @ self.basis
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return frechet_distance(self.features(a), self.features(b))
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
+    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+
+
+def frechet_distance(fa: torch.Tensor, fb: torch.Tensor) -> float:
+    """‖μ_a - μ_b‖² + tr(C_a + C_b - 2·(C_a^½ C_b C_a^½)^½), all symmetric eigendecompositions."""
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    ca, cb = torch.cov(fa.T), torch.cov(fb.T)
+    ra = _sqrtm_psd(ca)
+    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2 * cross)
+
+
+# --- the demo --------------------------------------------------------------------------------------
+def run_demo(cfg: DemoConfig | None = None, out: str | os.PathLike = "d2f-demo-out", log=print) -> dict:
+    """Run the whole demo; returns a JSON-ready results dict (also written to ``out/results.json``)."""
+    cfg = (DemoConfig() if cfg is None else cfg).validate()
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prev_threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out, log, t_start)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
+    torch.manual_seed(cfg.seed)
+    images, _ = digits_tensor(cfg.size)
+    train_idx, held_idx = split_indices(len(images), cfg.held_out, cfg.seed)
+    x_train, x_held = images[train_idx], images[held_idx]
+    schedule = DiscreteSchedule.stable_diffusion()
+    log(f"d2f demo: {len(x_train)} train / {len(x_held)} held-out digits at {cfg.size}x{cfg.size}, "
+        f"SD schedule (T={len(schedule)}, sigma_flow in [{flow_sigma(schedule.sigma_min):.6f}, "
+        f"{flow_sigma(schedule.sigma_max):.6f}]), {cfg.steps_train} steps x batch {cfg.batch_size} per model, "
+        f"torch threads: {torch.get_num_threads()}")
+
+    variants = []  # (name, net, bridge): the rows of every table; fine-tuned / Reflow models append here
+    results: dict = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+                     "train": {}}
+    for name, prediction in PREDICTIONS:
+        bridge = FlowBridge(schedule, prediction)
+        torch.manual_seed(cfg.seed)  # both models start from the same weights and see the same batches
+        net = TinyUNet(in_channels=1, channels=cfg.channels)
+        results["params"] = count_parameters(net)
+        ema, stats = train_native(net, bridge, x_train, cfg, f"train {name:<3}", seed=cfg.seed + 1)
+        ema.eval()
+        results["train"][name] = stats
+        log(f"  {name}-model ({prediction}, {results['params']:,} params): native loss "
+            f"{stats['first_loss']:.3f} -> {stats['final_loss']:.4f} in {stats['seconds']:.1f}s")
+        variants.append((name, ema, bridge))
+
+    noise = torch.randn((cfg.n_samples, 1, cfg.size, cfg.size), generator=torch.Generator().manual_seed(cfg.seed + 2))
+    metric = PixelPCAFrechet(x_train, cfg.pca_dim)
+    ref_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed + 3))[:cfg.n_samples]
+    reference_fd = metric.distance(x_train[ref_idx], x_held)
+
+    t_sample = time.perf_counter()
+    rows, equivalence = [], []
+    nets64 = {name: copy.deepcopy(net).double() for name, net, _ in variants}
+    total = len(variants) * (len(SAMPLERS) + 2) * sum(cfg.sample_steps)
+    with ProgressBar(total, "sample   ") as bar:
+        for name, net, bridge in variants:
+            for steps in cfg.sample_steps:
+                labels = simple_labels(steps, len(schedule))
+                finals = {}
+                for sampler_name, tag, sampler in SAMPLERS:
+                    x = sampler(net, bridge, noise, labels)
+                    finals[sampler_name] = x
+                    rows.append({"model": name, "sampler": sampler_name, "tag": tag, "steps": steps,
+                                 "fd": metric.distance(x, x_held), "samples": x})
+                    bar.update(steps)
+                diff = (finals[NATIVE] - finals[FLOW]).abs().max().item()
+                # The same pair in float64 on a few samples separates the identity (≈1e-14) from
+                # float32 rounding, which 1-step ε sampling amplifies by ς_0 ≈ 14.6 through x̂0.
+                k = min(cfg.n_check64, cfg.n_samples)
+                ddim64 = sample_native_ddim(nets64[name], bridge, noise[:k].double(), labels)
+                flow64 = sample_flow_euler(nets64[name], bridge, noise[:k].double(), labels)
+                equivalence.append({
+                    "model": name, "steps": steps, "max_abs_diff": diff,
+                    "max_abs_diff_fp64": (ddim64 - flow64).abs().max().item(),
+                    "fp32_rounding": (finals[NATIVE][:k].double() - ddim64).abs().max().item()})
+                bar.update(2 * steps)
+    sample_seconds = time.perf_counter() - t_sample
+
+    log("")
+    log(_equivalence_table(equivalence, cfg.sample_steps))
+    log("")
+    header = (f"Few-step quality: Frechet distance in a {metric.k}-dim pixel-PCA space (top PCs of the "
+              f"{len(x_train)} training digits, {100 * metric.explained:.0f}% of pixel variance), "
+              f"{cfg.n_samples} generated vs {len(x_held)} held-out real digits; lower is better.\n"
+              f"Reference, {cfg.n_samples} real training digits vs the same held-out set: {reference_fd:.3f}")
+    log(header)
+    log(_quality_table(rows, cfg.sample_steps))
+
+    grid_rows = [to_uint8(x_train[ref_idx[:cfg.grid_columns], 0])]
+    grid_labels = ["REAL"]
+    for row in rows:
+        grid_rows.append(to_uint8(row["samples"][:cfg.grid_columns, 0]))
+        grid_labels.append(f"{row['model']} {row['tag']} {row['steps']}")
+    grid_path = write_png(out / "grid.png", image_grid(grid_rows, grid_labels, scale=2))
+    log("")
+    log(f"grid ({len(grid_rows)} rows: real digits, then model / sampler / steps): {grid_path}")
+
+    results.update({
+        "equivalence": equivalence,
+        "max_abs_diff": max(e["max_abs_diff"] for e in equivalence),
+        "metric": {"kind": "frechet_pixel_pca", "dim": metric.k, "explained_variance": metric.explained,
+                   "n_generated": cfg.n_samples, "n_real": len(x_held)},
+        "reference_fd": reference_fd,
+        "table": [{k: v for k, v in r.items() if k != "samples"} for r in rows],
+        "grid_png": str(grid_path),
+        "sample_seconds": sample_seconds,
+    })
+    results["wall_seconds"] = time.perf_counter() - t_start
+    results["results_json"] = str(out / "results.json")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"results: {results['results_json']}  (wall {results['wall_seconds']:.1f}s)")
+    return results
+
+
+def _equivalence_table(equivalence: list, steps: tuple) -> str:
+    lines = ["DDIM == flow Euler: max |x0_native DDIM - x0_flow Euler| over all pixels, same noise, same labels",
+             "(fp32: all samples; fp64: the same nets in float64 on a few samples; fp32 rounding: "
+             "|DDIM fp32 - DDIM fp64|, the floor)",
+             f"{'model':<7}{'':<14}" + "".join(f"{s:>9}" for s in steps)]
+    for name in dict.fromkeys(e["model"] for e in equivalence):
+        for key, title in (("max_abs_diff", "fp32"), ("max_abs_diff_fp64", "fp64"), ("fp32_rounding", "fp32 rounding")):
+            by_steps = {e["steps"]: e[key] for e in equivalence if e["model"] == name}
+            lines.append(f"{name:<7}{title:<14}" + "".join(f"{by_steps[s]:>9.1e}" for s in steps))
+    return "\n".join(lines)
+
+
+def _quality_table(rows: list, steps: tuple) -> str:
+    lines = [f"{'model':<7}{'sampler':<20}" + "".join(f"{s:>8}" for s in steps)]
+    keys = list(dict.fromkeys((r["model"], r["sampler"]) for r in rows))
+    for model, sampler in keys:
+        by_steps = {r["steps"]: r["fd"] for r in rows if r["model"] == model and r["sampler"] == sampler}
+        lines.append(f"{model:<7}{sampler:<20}" + "".join(f"{by_steps[s]:>8.3f}" for s in steps))
+    return "\n".join(lines)

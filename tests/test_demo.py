@@ -1,0 +1,88 @@
+"""`d2f demo --quick` end to end, in process: the CLI runs, writes a valid PNG grid and results.json,
+and native DDIM equals the zero-shot flow Euler sampler to float error (DESIGN §2)."""
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from d2f_core import cli
+from d2f_core.datasets import digits_tensor, load_digits
+from d2f_core.demo import PixelPCAFrechet, frechet_distance, simple_labels
+from d2f_core.png import PNG_SIGNATURE, encode_png
+
+
+def _png_chunks(data: bytes):
+    pos = len(PNG_SIGNATURE)
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        yield kind, body, crc == (zlib.crc32(kind + body) & 0xFFFFFFFF)
+        pos += 12 + length
+
+
+def test_quick_demo(tmp_path):
+    rc = cli.main(["demo", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    png = tmp_path / "grid.png"
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    chunks = list(_png_chunks(data))
+    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    assert all(ok for _, _, ok in chunks)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["grid_png"] == str(png)
+    steps = results["config"]["sample_steps"]
+    assert {(e["model"], e["steps"]) for e in results["equivalence"]} == {(m, s) for m in ("eps", "v") for s in steps}
+    # The bridge is an exact change of coordinates: fp32 agreement at rounding level, fp64 to ~1e-14.
+    assert results["max_abs_diff"] < 1e-4
+    assert max(e["max_abs_diff_fp64"] for e in results["equivalence"]) < 1e-10
+    for row in results["table"]:
+        assert np.isfinite(row["fd"])
+    # Same network, same noise, same labels: both samplers score the same to float error.
+    fd = {(r["model"], r["sampler"], r["steps"]): r["fd"] for r in results["table"]}
+    for (model, sampler, s), value in fd.items():
+        assert value == pytest.approx(fd[(model, "native DDIM", s)], rel=1e-3, abs=1e-4)
+
+
+def test_png_roundtrip_gray_and_rgb():
+    gray = (np.arange(35, dtype=np.uint8) * 7).reshape(5, 7)
+    rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)
+    for img, channels in ((gray, 1), (rgb, 3)):
+        chunks = list(_png_chunks(encode_png(img)))
+        width, height = struct.unpack(">II", chunks[0][1][:8])
+        assert (width, height) == (7, 5)
+        raw = np.frombuffer(zlib.decompress(chunks[1][1]), np.uint8).reshape(5, 1 + 7 * channels)
+        assert (raw[:, 0] == 0).all()
+        assert (raw[:, 1:] == img.reshape(5, -1)).all()
+
+
+def test_embedded_digits():
+    images, labels = load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
+    assert sorted(set(labels.tolist())) == list(range(10))
+    x, _ = digits_tensor(16)
+    assert x.shape == (1797, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_simple_labels_match_host_simple_scheduler():
+    assert simple_labels(1) == [999]
+    assert simple_labels(4) == [999, 749, 499, 249]
+    assert simple_labels(50)[-1] == 19 and len(set(simple_labels(1000))) == 1000
+
+
+def test_frechet_distance_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * 2 + 1
+    # N(0, I) vs N(1, 4I) in 3 dims: 3·1² + 3·(1 + 4 - 2·2) = 6.
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.05)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    x, _ = digits_tensor(16)
+    metric = PixelPCAFrechet(x[:1000], 8)
+    assert metric.features(x[:5]).shape == (5, 8) and 0 < metric.explained < 1
