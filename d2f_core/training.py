@@ -32,11 +32,13 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; ``step`` is the first bad optimizer step (1-based)."""
+    """The loss became NaN or infinite; ``step`` is the first bad optimizer step (1-based),
+    ``last_good_step`` the step whose weights were restored (the last loss check before it)."""
 
-    def __init__(self, step: int, message: str):
+    def __init__(self, step: int, message: str, last_good_step: int | None = None):
         super().__init__(message)
         self.step = step
+        self.last_good_step = step - 1 if last_good_step is None else last_good_step
 
 
 @dataclass
@@ -205,22 +207,29 @@ class Trainer:
     def run(self, start_step: int = 0, should_stop: Callable[[], bool] | None = None,
             on_progress: Callable[[int, list[float], float], None] | None = None,
             on_save: Callable[[int], None] | None = None, save_every: int = 0,
-            on_preview: Callable[[int], None] | None = None, preview_every: int = 0) -> TrainResult:
+            on_preview: Callable[[int], None] | None = None, preview_every: int = 0,
+            stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
         """Train from ``start_step`` to ``config.steps``.
 
         Every ``sync_every`` steps the pending losses are read (one host sync), checked for NaN/inf and
         passed to ``on_progress(step, new_losses, samples_per_second)``. ``should_stop()`` (a host-side
         flag, e.g. the UI's stop button) ends the run after the current step: status "interrupted".
+        ``stop_exceptions``: exceptions that mean the same stop request raised from inside the network (a
+        host that checks its stop flag in every layer): the unfinished step is dropped, the run ends
+        "interrupted" with the weights of the last completed step.
         """
         c = self.config
         result = TrainResult(step=start_step)
         pending: list[torch.Tensor] = []
-        good = self.snapshot() if self.snapshot else None
+        # Weights after step n are proven good only by the loss of step n+1, which uses them: `latest` (the
+        # snapshot at the last loss read-out) becomes `good` once the next read-out starts with a finite loss.
+        good = latest = self.snapshot() if self.snapshot else None
+        good_step = latest_step = start_step
         samples_per_step = c.batch_size * c.grad_accumulation
         t0 = time.perf_counter()
 
         def flush(step_done: int):
-            nonlocal good, pending
+            nonlocal good, good_step, latest, latest_step, pending
             if not pending:
                 return
             values = torch.stack(pending).tolist()
@@ -228,24 +237,34 @@ class Trainer:
             pending = []
             for i, v in enumerate(values):
                 if not math.isfinite(v):
+                    if i > 0:  # the first loss after `latest` was finite: it is good
+                        good, good_step = latest, latest_step
                     if good is not None and self.restore:
                         self.restore(good)
-                    result.step = first_step + i - 1
+                        result.step = good_step
+                    else:
+                        result.step = first_step + i - 1
                     raise NonFiniteLossError(first_step + i, (
                         f"the loss became {v} at step {first_step + i}: training stopped and the weights were "
                         f"reset to the last good state (step {result.step}). Lower the learning rate, keep "
-                        "gradient clipping on, or train in bf16/fp32 instead of fp16."))
+                        "gradient clipping on, or train in bf16/fp32 instead of fp16."), last_good_step=result.step)
             result.losses.extend(values)
             result.step = step_done
             if self.snapshot:
-                good = self.snapshot()
+                good, good_step = latest, latest_step
+                latest, latest_step = self.snapshot(), step_done
             if on_progress:
                 elapsed = time.perf_counter() - t0
                 on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
 
         step = start_step
         while step < c.steps:
-            pending.append(self.step(step))
+            try:
+                pending.append(self.step(step))
+            except stop_exceptions:
+                self.optimizer.zero_grad(set_to_none=True)  # the partial step's gradients, never applied
+                result.status = "interrupted"
+                break
             step += 1
             result.samples += samples_per_step
             stop = should_stop is not None and should_stop()
@@ -256,7 +275,10 @@ class Trainer:
             if due_save and on_save:
                 on_save(step)
             if due_preview and on_preview:
-                on_preview(step)
+                try:
+                    on_preview(step)
+                except stop_exceptions:
+                    stop = True
             if stop:
                 result.status = "interrupted"
                 break

@@ -3,12 +3,13 @@
 from comfy_api.latest import ComfyExtension
 
 from .flow_nodes import FLOW_NODES
+from .reflow_nodes import REFLOW_NODES
 from .train_node import TRAIN_NODES
 
 
 class Diff2FlowExtension(ComfyExtension):
     async def get_node_list(self):
-        return list(FLOW_NODES) + list(TRAIN_NODES)
+        return list(FLOW_NODES) + list(TRAIN_NODES) + list(REFLOW_NODES)
 
 
 async def comfy_entrypoint() -> Diff2FlowExtension:

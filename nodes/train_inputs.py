@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..d2f_core.couplings import couplings_buckets
 from ..d2f_core.data import DatasetError
 from .flow_sampling import FlowBridgeSampling, flow_model_sampling
 
@@ -95,3 +96,20 @@ def empty_prompt_kwargs(model, conditioning, latent_shape) -> dict[str, torch.Te
     if not entries:
         return None
     return unet_kwargs(model, entries[0], latent_shape)
+
+
+def coupling_buckets_for(model, couplings: list) -> list[tuple]:
+    """Reflow couplings (D2FReflowPairs / D2FLoadReflowPairs) → latent buckets (x0, conds, noise), after checking
+    they live in this model's latent space (same latent format and channels)."""
+    latent_format = model.get_model_object("latent_format")
+    channels, name = latent_format.latent_channels, type(latent_format).__name__
+    for j, c in enumerate(couplings):
+        made_for = c.meta.get("latent_format")
+        if made_for is not None and made_for != name:
+            raise DatasetError(f"couplings {j} were made for {made_for} latents but this model works on {name} latents: "
+                               "make the pairs with a model of the same family (SD1.x / SD2.x / SDXL)")
+        if c.shape[0] != channels:
+            raise DatasetError(f"couplings {j} have {c.shape[0]} latent channels but this model works on {channels}")
+        if not len(c):
+            raise DatasetError(f"couplings {j} hold no pairs")
+    return couplings_buckets(couplings)

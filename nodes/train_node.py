@@ -23,7 +23,8 @@ from ..d2f_core.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.state import load_state, save_state
 from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
-from .train_inputs import assemble_buckets, bridge_sampling_of, empty_prompt_kwargs
+from .reflow_nodes import CouplingsIO
+from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
 
 CATEGORY = "Diff2Flow"
@@ -58,12 +59,17 @@ class D2FTrain(io.ComfyNode):
             description=(
                 "Fine-tunes an ε/v checkpoint toward flow matching with the Diff2Flow objective "
                 "‖v̂ - (ε - x0)‖². Returns the trained, flow-patched model, a LoRA that the core LoRA "
-                "loaders read and SaveLoRA writes, and the loss history. Never changes the input model."),
+                "loaders read and SaveLoRA writes, and the loss history. Never changes the input model. With Reflow "
+                "couplings (D2FReflowPairs) it trains on x = (1-σ)·x̂0 + σ·ε with each pair's own noise: "
+                "straighter paths, good 2–4-step samples."),
             is_input_list=True,
             inputs=[
                 io.Model.Input("model", tooltip="The ε- or v-prediction model to fine-tune (flow-patched or not)."),
-                io.Latent.Input("latents", tooltip="Training latents, e.g. from MakeTrainingDataset or ResolutionBucket."),
-                io.Conditioning.Input("positive", tooltip="One caption conditioning per latent (or one for all)."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training latents, e.g. from MakeTrainingDataset or ResolutionBucket "
+                                        "(may stay unconnected when couplings are given)."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="One caption conditioning per latent (or one for all); not needed for couplings."),
                 io.Combo.Input("mode", options=["lora", "full"], default="lora",
                                tooltip="lora: small adapter (fits 12 GB). full: every weight, returned as weight "
                                        "differences (needs far more memory; use a ~10× lower learning rate)."),
@@ -123,6 +129,9 @@ class D2FTrain(io.ComfyNode):
                                 tooltip="A .state.safetensors written by an earlier run (path, or relative to output/)."),
                 io.Conditioning.Input("empty_conditioning", optional=True,
                                       tooltip="The empty prompt's conditioning, for caption dropout and CFG previews."),
+                CouplingsIO.Input("couplings", optional=True,
+                                  tooltip="Reflow pairs from D2FReflowPairs / D2FLoadReflowPairs: trains on each pair's "
+                                          "own noise and sample (Reflow). Latents/positive, if also given, are mixed in."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
@@ -134,7 +143,8 @@ class D2FTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, empty_conditioning=None, resume_from=None, **options) -> io.NodeOutput:
+    def execute(cls, model, latents=None, positive=None, empty_conditioning=None, resume_from=None, couplings=None,
+                **options) -> io.NodeOutput:
         model = _first(model)
         opts = {k: _first(v) for k, v in options.items()}
         resume_from = (_first(resume_from) or "").strip()
@@ -152,7 +162,11 @@ class D2FTrain(io.ComfyNode):
 
         # Everything that can be wrong with the inputs fails here, before any GPU work.
         sampling = bridge_sampling_of(model)
-        buckets = assemble_buckets(model, latents, positive)
+        couplings = [c for c in (couplings or []) if c is not None]
+        has_images = any(v is not None for v in (latents or []) + (positive or []))
+        buckets = assemble_buckets(model, latents, positive) if has_images or not couplings else []
+        if couplings:
+            buckets += coupling_buckets_for(model, couplings)
         empty = empty_prompt_kwargs(model, _first(empty_conditioning), buckets[0][0].shape[1:])
         if config.caption_dropout > 0 and empty is None:
             raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
@@ -252,16 +266,21 @@ class TrainingRun:
                                   empty_cond=self.empty)
         self.adapters = adapters = self._adapters(unet, device)
 
+        # Full mode trains float32 masters installed in the (bf16) private copy: autocast casts them per op, as
+        # the LoRA hooks cast their own factors (without it every layer fails on a float32 weight, bf16 input).
+        autocast = self.mode == "full" and self.dtype != torch.float32
+
         def net(x, t, context, y=None):
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return adapters(x, t, context=context, y=y, control=None, transformer_options={})
+            with torch.autocast(device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
+                return adapters(x, t, context=context, y=y, control=None, transformer_options={})
         self.net = net
         use_graphs = device.type == "cuda" and self.opts.get("cuda_graphs", True)
         train_net = GraphedNet(net, adapters.parameters()) if use_graphs else net
 
         def snapshot():
-            return {k: v.detach().clone() for k, v in adapters.state_tensors().items()}
+            return adapters.state_tensors()  # detached copies already
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
                                          compute_dtype=self.dtype, snapshot=snapshot,
@@ -290,10 +309,16 @@ class TrainingRun:
                 result = trainer.run(
                     start_step=start, should_stop=self.reporter.should_stop, on_progress=progress,
                     on_save=self.save, save_every=self.opts["save_every"],
-                    on_preview=self.preview, preview_every=self.opts["preview_every"])
+                    on_preview=self.preview, preview_every=self.opts["preview_every"],
+                    # the stop button also raises from inside the UNet (comfy.ops checks the flag in every layer)
+                    stop_exceptions=(mm.InterruptProcessingException,))
             status, step_done = result.status, result.step
         except NonFiniteLossError as exc:
-            path = self.save(exc.step - 1) if exc.step - 1 > start else None
+            # The optimizer's moments took the non-finite gradients (its state is not restored with the
+            # weights): drop them, so that resuming from the saved state starts them afresh, not as NaN.
+            trainer.optimizer.state.clear()
+            good = exc.last_good_step  # with loss read-outs every N steps, older than exc.step - 1
+            path = self.save(good) if good > start else None
             kept = f" The last good weights were saved to {path}." if path else ""
             raise RuntimeError(f"D2FTrain: {exc}{kept}") from None
         except torch.OutOfMemoryError:

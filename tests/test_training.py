@@ -84,22 +84,21 @@ def test_interrupt_keeps_what_was_trained():
 
 
 def test_nan_loss_stops_with_step_and_restores_last_good_state():
+    """Weights after step n are proven good only by the finite loss of step n+1, which uses them."""
     net = TinyNet()
-    trainer = make_trainer(net, TrainConfig(steps=20, sync_every=4, learning_rate=1e-3))
-
-    good = {}
+    trainer = make_trainer(net, TrainConfig(steps=20, sync_every=2, learning_rate=1e-3))
+    seen = {}
 
     def progress(step, losses, rate):
-        good[step] = {k: v.clone() for k, v in net.state_dict().items()}
+        seen[step] = {k: v.clone() for k, v in net.state_dict().items()}
         if step == 4:
-            net.poison = True
+            net.poison = True  # the loss of step 5 is NaN: the weights after step 4 are unproven
     with pytest.raises(NonFiniteLossError, match="step 5") as info:
         trainer.run(on_progress=progress)
-    assert info.value.step == 5
+    assert info.value.step == 5 and info.value.last_good_step == 2
     net.poison = False
     for k, v in net.state_dict().items():
-        if k != "poison":
-            assert torch.equal(v, good[4][k]), k
+        assert torch.equal(v, seen[2][k]), k
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
 
 

@@ -1,0 +1,408 @@
+"""Reflow couplings: (noise ε, the model's own ODE solution x̂0, prompt) triples, on disk and in memory.
+
+Reflow (DESIGN §2) trains on pairs the model itself produced: draw ε, solve the model's flow ODE (with
+CFG and the prompt) from ε down to σ = 0, keep (ε, x̂0), and train on the straight line between them,
+
+    x = (1-σ)·x̂0 + σ·ε,   target v = ε - x̂0,
+
+which straightens the sampling paths so that 1–4 Euler steps land close to where the full ODE lands.
+
+Layout of a couplings folder (every file written atomically: ``*.tmp`` then ``os.replace``):
+
+* ``prompts.safetensors``: the prompt table, tensors ``prompt.<kwarg>`` shaped (P, …) in float32 (the
+  UNet's conditioning keyword tensors, e.g. ``context`` (P, 77, 768) and SDXL's ``y`` (P, 2816)), stored
+  once per prompt; header ``{format, meta, num_prompts}``.
+* ``chunk_00000.safetensors``, ``chunk_00001.safetensors``, …: ``noise`` and ``x0`` (n, C, H, W) float32
+  and ``prompt_index`` (n,) int64 of pairs ``start … start+n-1``; header ``{format, meta, start, count}``.
+
+The header is one safetensors metadata entry, ``d2f_couplings``, holding sorted JSON (so equal contents are
+equal bytes).
+
+Chunks are written as they are generated, so an interruption loses at most the chunk being made.
+Pair i's noise is a function of (seed, i) only (``pair_noise``) and its prompt is i mod P, so a folder
+reopened with the same meta continues exactly where it stopped: a resumed run writes the files an
+uninterrupted one would have written.
+
+``meta`` identifies what the pairs are samples of (model, prompts, negative, cfg, steps, shift, seed,
+latent format, shape, …). Reopening a folder with a different identity is refused: the pairs would be
+samples of two different ODEs. Keys in ``INFO_KEYS`` (pack version, batch size) are recorded only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .bridge import FlowBridge
+from .samplers import sample_euler_flow
+
+FORMAT = "d2f_couplings"
+FORMAT_VERSION = 1
+PROMPTS_FILE = "prompts.safetensors"
+CHUNK_RE = re.compile(r"^chunk_(\d{5,})\.safetensors$")
+INFO_KEYS = frozenset({"pack_version", "batch_size"})  # recorded, not part of a folder's identity
+
+
+class CouplingsError(ValueError):
+    """A couplings folder cannot be used as asked (different meta, damaged, empty)."""
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk_{k:05d}.safetensors"
+
+
+# --- noise and prompts of pair i ---------------------------------------------------------------------
+def pair_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for pair ``index`` of a run with ``seed`` (a hash: no two (seed, i) share it
+    in practice, unlike seed·K + i)."""
+    digest = hashlib.blake2b(f"d2f-reflow:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def pair_noise(seed: int, start: int, count: int, shape) -> torch.Tensor:
+    """Standard normal ε for pairs ``start … start+count-1``, (count, *shape) float32 on the CPU.
+    Pair i's noise depends on (seed, i) only: not on the batch it is made in, nor on earlier pairs."""
+    shape = tuple(int(s) for s in shape)
+    out = torch.empty((count,) + shape, dtype=torch.float32)
+    g = torch.Generator(device="cpu")
+    for j in range(count):
+        g.manual_seed(pair_seed(seed, start + j))
+        out[j] = torch.randn(shape, generator=g, dtype=torch.float32)
+    return out
+
+
+def prompt_indices(start: int, count: int, num_prompts: int) -> torch.Tensor:
+    """Prompts cycle: pair i uses prompt i mod P."""
+    return torch.arange(start, start + count, dtype=torch.int64) % max(1, int(num_prompts))
+
+
+# --- the ODE that defines a coupling -----------------------------------------------------------------
+@torch.no_grad()
+def solve_flow_ode(denoise: Callable, bridge: FlowBridge, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x̂0 of one coupling: Euler on dx/dσ = (x - x̂0(x, σ))/σ over ``sigmas`` (σ_max … 0), from the host's
+    max-denoise start x = D(σ_max)·ε (``FlowBridge.start_state``), as D2FReflowPairs samples through the host.
+    ``denoise(x, σ_batch) -> x̂0`` (guided or not)."""
+    x = bridge.start_state(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
+    return sample_euler_flow(denoise, x, sigmas)
+
+
+# --- in memory ---------------------------------------------------------------------------------------
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class Couplings:
+    """N pairs in the model's working latent space (``process_in``'d), float32, with a prompt table.
+
+    ``prompts``: dict kwarg → (P, …) float32 (may be empty for unconditional models); ``prompt_index``:
+    (N,) int64 rows into it; ``meta``: what the pairs are samples of (see the module docstring).
+    """
+
+    noise: torch.Tensor
+    x0: torch.Tensor
+    prompts: dict[str, torch.Tensor]
+    prompt_index: torch.Tensor
+    meta: dict = field(default_factory=dict)
+    folder: str | None = None
+
+    def __post_init__(self):
+        if self.x0.ndim != 4 or self.noise.shape != self.x0.shape:
+            raise CouplingsError(f"couplings need noise and x0 of one shape (N, C, H, W), got "
+                                 f"{tuple(self.noise.shape)} and {tuple(self.x0.shape)}")
+        if self.prompt_index.shape != (self.x0.shape[0],):
+            raise CouplingsError(f"prompt_index must be ({self.x0.shape[0]},), got {tuple(self.prompt_index.shape)}")
+        sizes = {v.shape[0] for v in self.prompts.values()}
+        if len(sizes) > 1:
+            raise CouplingsError(f"the prompt table's tensors disagree on the number of prompts: {sorted(sizes)}")
+        if len(self) and self.prompts:
+            lo, hi = int(self.prompt_index.min()), int(self.prompt_index.max())
+            if lo < 0 or hi >= self.num_prompts:
+                raise CouplingsError(f"prompt_index spans {lo}…{hi} but the table has {self.num_prompts} prompts")
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def num_prompts(self) -> int:
+        return int(next(iter(self.prompts.values())).shape[0]) if self.prompts else 1
+
+    @property
+    def shape(self) -> tuple:
+        """(C, H, W) of one latent."""
+        return tuple(self.x0.shape[1:])
+
+    def prompt_conditioning(self, p: int) -> dict[str, torch.Tensor]:
+        return {k: v[p] for k, v in self.prompts.items()}
+
+    def conditioning(self, i: int) -> dict[str, torch.Tensor]:
+        """The UNet keyword tensors (no batch dim) of pair i."""
+        return self.prompt_conditioning(int(self.prompt_index[i]))
+
+    def head(self, n: int) -> "Couplings":
+        """The first ``n`` pairs (all when n ≥ N)."""
+        if n >= len(self):
+            return self
+        return Couplings(self.noise[:n], self.x0[:n], self.prompts, self.prompt_index[:n], dict(self.meta), self.folder)
+
+    def buckets(self) -> list[tuple]:
+        """LatentBuckets input: [(x0 (N,C,H,W), per-sample conditioning dicts, noise (N,C,H,W))]. The
+        dicts are views of the table rows (no copies); LatentBuckets stacks them once."""
+        if not len(self):
+            return []
+        table = [self.prompt_conditioning(p) for p in range(self.num_prompts)]
+        return [(self.x0, [table[p] for p in self.prompt_index.tolist()], self.noise)]
+
+    def digest(self) -> str:
+        """sha256 of every tensor and the meta: equal digests ⇔ bit-identical couplings."""
+        tensors = {"noise": self.noise, "x0": self.x0, "prompt_index": self.prompt_index,
+                   **{f"prompt.{k}": v for k, v in self.prompts.items()}}
+        return hashlib.sha256((_digest(tensors) + _meta_json(self.meta)).encode()).hexdigest()
+
+
+def couplings_buckets(items: list[Couplings]) -> list[tuple]:
+    """Several couplings (e.g. two resolutions, or two runs) as LatentBuckets input, one bucket per latent
+    shape: [(x0, conds, noise)]."""
+    by_shape: dict[tuple, tuple[list, list, list]] = {}
+    for c in items:
+        for x0, conds, noise in c.buckets():
+            group = by_shape.setdefault(tuple(x0.shape[1:]), ([], [], []))
+            group[0].append(x0)
+            group[1].extend(conds)
+            group[2].append(noise)
+    return [(torch.cat(x0s), conds, torch.cat(noises)) for x0s, conds, noises in by_shape.values()]
+
+
+# --- on disk -----------------------------------------------------------------------------------------
+def _meta_json(meta: dict) -> str:
+    try:
+        return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CouplingsError(f"couplings meta must be plain JSON (numbers, strings, lists, dicts): {exc}") from None
+
+
+def _identity(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k not in INFO_KEYS}
+
+
+HEADER_KEY = "d2f_couplings"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict) -> str:
+    """One metadata entry holding the header as sorted JSON: safetensors keeps metadata in a hash map whose
+    order varies between runs, so several entries would make equal contents give different bytes."""
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={HEADER_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
+    os.replace(tmp, path)  # an interruption never leaves a truncated file under the real name
+    return path
+
+
+def _header(metadata: dict | None) -> dict:
+    try:
+        return json.loads((metadata or {})[HEADER_KEY])
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _read_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        return _header(f.metadata())
+
+
+def _folder_meta(folder: str) -> tuple[dict, int]:
+    path = os.path.join(folder, PROMPTS_FILE)
+    header = _read_metadata(path)
+    if header.get("format") != FORMAT or not isinstance(header.get("meta"), dict):
+        raise CouplingsError(f"'{path}' is not a Diff2Flow couplings file")
+    return header["meta"], int(header.get("num_prompts", 0))
+
+
+def _chunk_files(folder: str) -> list[str]:
+    found = {}
+    for name in os.listdir(folder):
+        m = CHUNK_RE.match(name)
+        if m:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    if not found:
+        return []
+    if sorted(found) != list(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        raise CouplingsError(f"couplings folder '{folder}' is damaged: {chunk_name(missing[0])} is missing "
+                             f"but later chunks exist. Delete the folder (or the chunks after the gap) and rerun.")
+    return [found[k] for k in range(len(found))]
+
+
+def _scan_chunks(folder: str) -> list[tuple[str, int, int]]:
+    """[(path, start, count)] of the folder's chunks, checked to be contiguous from pair 0."""
+    out, expected = [], 0
+    for path in _chunk_files(folder):
+        header = _read_metadata(path)
+        start, count = int(header.get("start", -1)), int(header.get("count", -1))
+        if start != expected or count < 0:
+            raise CouplingsError(f"couplings chunk '{path}' holds pairs from {start} but {expected} was expected: "
+                                 "the folder is damaged (mixed runs?). Use a new name.")
+        out.append((path, start, count))
+        expected += count
+    return out
+
+
+def folder_pair_count(folder: str) -> int:
+    """Pairs in a couplings folder (0 when it does not exist); reads file headers only."""
+    if not os.path.isfile(os.path.join(folder, PROMPTS_FILE)):
+        return 0
+    try:
+        return sum(count for _, _, count in _scan_chunks(folder))
+    except (CouplingsError, OSError, ValueError):
+        return 0
+
+
+def is_couplings_folder(folder: str) -> bool:
+    try:
+        _folder_meta(folder)
+        return True
+    except (OSError, CouplingsError, ValueError, json.JSONDecodeError):
+        return False
+
+
+class CouplingsWriter:
+    """Appends chunks of pairs to a couplings folder; reopening a folder resumes it.
+
+    ``CouplingsWriter(folder, meta, prompts)``: a new folder is created with the prompt table; an existing
+    one must have the same identity (``meta`` minus ``INFO_KEYS``) and the same prompt table, else a
+    ``CouplingsError`` names what differs. ``count`` is the number of pairs already there; ``append``
+    writes the next chunk, whose pairs must start at ``count``.
+    """
+
+    def __init__(self, folder: str, meta: dict, prompts: dict[str, torch.Tensor] | None = None):
+        self.folder = os.path.abspath(folder)
+        self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+        self.meta = json.loads(_meta_json(self.meta))  # plain JSON: what a reader gets back
+        prompts = {k: v.detach().float().cpu().contiguous() for k, v in (prompts or {}).items()}
+        sizes = {v.shape[0] for v in prompts.values()}
+        if len(sizes) > 1:
+            raise CouplingsError(f"the prompt table's tensors disagree on the number of prompts: {sorted(sizes)}")
+        self.num_prompts = sizes.pop() if sizes else 1
+        prompts_path = os.path.join(self.folder, PROMPTS_FILE)
+        if os.path.isfile(prompts_path):
+            self._check_existing(prompts)
+        else:
+            if os.path.isdir(self.folder) and _chunk_files(self.folder):
+                raise CouplingsError(f"'{self.folder}' holds couplings chunks but no {PROMPTS_FILE}: the folder is "
+                                     "damaged. Delete it or use a new name.")
+            os.makedirs(self.folder, exist_ok=True)
+            _atomic_save({f"prompt.{k}": v for k, v in prompts.items()}, prompts_path,
+                         {"format": FORMAT, "meta": self.meta, "num_prompts": self.num_prompts})
+        for name in os.listdir(self.folder):  # leftovers of a write that was cut off
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.folder, name))
+        chunks = _scan_chunks(self.folder)
+        self.chunks = len(chunks)
+        self.count = sum(c for _, _, c in chunks)
+
+    def _check_existing(self, prompts: dict[str, torch.Tensor]):
+        old, num_prompts = _folder_meta(self.folder)
+        a, b = _identity(old), _identity(self.meta)
+        if a != b:
+            diffs = [f"{k}: {_short(a.get(k))} there, {_short(b.get(k))} now" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+            raise CouplingsError(
+                f"the couplings in '{self.folder}' were made with different settings ({'; '.join(diffs)}). Its pairs "
+                "are samples of another model/prompt/guidance and cannot be continued: use a new name, or set the "
+                "inputs back to what they were.")
+        table = load_file(os.path.join(self.folder, PROMPTS_FILE))
+        old_prompts = {k[len("prompt."):]: v for k, v in table.items() if k.startswith("prompt.")}
+        if set(old_prompts) != set(prompts) or num_prompts != self.num_prompts or any(
+                old_prompts[k].shape != prompts[k].shape or not torch.equal(old_prompts[k], prompts[k]) for k in prompts):
+            raise CouplingsError(f"the couplings in '{self.folder}' were made for other prompts: use a new name, or "
+                                 "connect the same prompts again.")
+
+    def append(self, noise: torch.Tensor, x0: torch.Tensor, prompt_index: torch.Tensor, start: int | None = None) -> str:
+        """Write the next chunk (pairs ``count … count+n-1``) atomically; returns its path."""
+        start = self.count if start is None else int(start)
+        if start != self.count:
+            raise CouplingsError(f"chunk starts at pair {start} but the folder holds {self.count} pairs")
+        n = int(x0.shape[0])
+        if noise.shape != x0.shape or prompt_index.shape != (n,):
+            raise CouplingsError(f"a chunk needs noise/x0 (n, C, H, W) and prompt_index (n,), got "
+                                 f"{tuple(noise.shape)}, {tuple(x0.shape)}, {tuple(prompt_index.shape)}")
+        path = os.path.join(self.folder, chunk_name(self.chunks))
+        _atomic_save({"noise": noise.float(), "x0": x0.float(), "prompt_index": prompt_index.to(torch.int64)}, path,
+                     {"format": FORMAT, "meta": self.meta, "start": start, "count": n})
+        self.chunks += 1
+        self.count += n
+        return path
+
+
+def _short(value, limit: int = 40) -> str:
+    text = json.dumps(value) if value is not None else "absent"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def load_couplings(folder: str, limit: int | None = None) -> Couplings:
+    """Every pair in ``folder`` (or the first ``limit``), bit-identical to what was written."""
+    folder = os.path.abspath(folder)
+    if not os.path.isfile(os.path.join(folder, PROMPTS_FILE)):
+        raise CouplingsError(f"no Diff2Flow couplings in '{folder}' (no {PROMPTS_FILE}): make them with "
+                             "D2FReflowPairs first")
+    meta, _ = _folder_meta(folder)
+    table = load_file(os.path.join(folder, PROMPTS_FILE))
+    prompts = {k[len("prompt."):]: v for k, v in table.items() if k.startswith("prompt.")}
+    noise, x0, index = [], [], []
+    have = 0
+    for path, _, count in _scan_chunks(folder):
+        if limit is not None and have >= limit:
+            break
+        with safe_open(path, framework="pt") as f:
+            chunk_meta = _header(f.metadata()).get("meta", {})
+            if _identity(chunk_meta) != _identity(meta):
+                raise CouplingsError(f"'{path}' was made with other settings than '{folder}': the folder mixes runs")
+            noise.append(f.get_tensor("noise"))
+            x0.append(f.get_tensor("x0"))
+            index.append(f.get_tensor("prompt_index"))
+        have += count
+    if not x0:
+        raise CouplingsError(f"the couplings folder '{folder}' holds no pairs yet")
+    out = Couplings(torch.cat(noise), torch.cat(x0), prompts, torch.cat(index), meta, folder)
+    return out.head(limit) if limit is not None else out
+
+
+# --- the generation loop -----------------------------------------------------------------------------
+def generate(writer: CouplingsWriter, count: int, batch_size: int, sample: Callable, *, seed: int, shape,
+             should_stop: Callable[[], bool] | None = None,
+             on_chunk: Callable[[int, int], None] | None = None) -> int:
+    """Make pairs ``writer.count … count-1`` in chunks of ``batch_size`` and append each as it is done.
+
+    ``sample(noise (n,C,H,W) float32 CPU, prompt_index (n,), start) -> x̂0 (n,C,H,W)`` solves the ODE.
+    Chunks are [writer.count + k·batch_size, …): an interrupted run resumed with the same batch size writes
+    the same files as an uninterrupted one. ``should_stop()`` is asked between chunks; an exception raised
+    by ``sample`` (e.g. the host's interrupt) propagates with every finished chunk already on disk.
+    Returns the number of pairs in the folder.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    while writer.count < count:
+        if should_stop is not None and should_stop():
+            break
+        start = writer.count
+        n = min(batch_size, count - start)
+        noise = pair_noise(seed, start, n, shape)
+        index = prompt_indices(start, n, writer.num_prompts)
+        x0 = sample(noise, index, start)
+        writer.append(noise, x0.detach().float().cpu(), index)
+        if on_chunk is not None:
+            on_chunk(writer.count, count)
+    return writer.count

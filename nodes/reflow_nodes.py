@@ -1,0 +1,427 @@
+"""Reflow in the UI: D2FReflowPairs makes couplings with the model's own flow ODE, D2FLoadReflowPairs
+reopens them, and D2FTrain (``couplings`` input) trains on them.
+
+The storage format, the noise of pair i and the chunked, resumable writer are in ``d2f_core.couplings``;
+this module only drives the host's sampler and reports progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import comfy.model_management as mm
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..d2f_core import __version__ as PACK_VERSION
+from ..d2f_core.couplings import (Couplings, CouplingsError, CouplingsWriter, folder_pair_count, generate,
+                                  is_couplings_folder, load_couplings)
+from ..d2f_core.data import _common_length, stack_conditioning
+from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
+from .train_inputs import _conditioning_entries, bridge_sampling_of, unet_kwargs
+
+CATEGORY = "Diff2Flow"
+COUPLINGS_DIR = "d2f_couplings"
+COUPLINGS_TYPE = "D2F_COUPLINGS"
+NO_FOLDERS = "(none yet)"
+CouplingsIO = io.Custom(COUPLINGS_TYPE)
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+# --- folders -----------------------------------------------------------------------------------------
+def couplings_root() -> str:
+    return os.path.join(folder_paths.get_output_directory(), COUPLINGS_DIR)
+
+
+def couplings_folder(name: str) -> str:
+    """output/d2f_couplings/<name>; names may contain sub-folders but never leave output/d2f_couplings."""
+    name = (name or "").strip().strip("/\\")
+    if not name:
+        raise ValueError("name is empty: give the couplings a folder name (it goes under output/d2f_couplings/)")
+    root = os.path.abspath(couplings_root())
+    path = os.path.abspath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise ValueError(f"name '{name}' must be a folder name inside output/{COUPLINGS_DIR}/ (no '..', no absolute paths)")
+    return path
+
+
+def list_couplings_folders() -> list[str]:
+    """Names (relative to output/d2f_couplings, '/'-separated) of the folders that hold couplings."""
+    root = couplings_root()
+    found = []
+    if os.path.isdir(root):
+        for dirpath, dirnames, _ in os.walk(root):
+            dirnames.sort()
+            if dirpath != root and is_couplings_folder(dirpath):
+                found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+                dirnames.clear()  # a couplings folder has no nested couplings
+    return sorted(found)
+
+
+def _folder_fingerprint(folder: str) -> str:
+    """Pairs on disk and the newest file time: changes whenever a run adds chunks."""
+    try:
+        mtime = max((os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)), default=0.0)
+    except OSError:
+        mtime = 0.0
+    return f"{folder}:{folder_pair_count(folder)}:{mtime}"
+
+
+# --- identity of what is sampled ---------------------------------------------------------------------
+def _hash_value(h, value, depth: int = 0):
+    """Feed a conditioning value / model patch into a hash: tensors by a strided sample of their values,
+    plain values by repr, containers recursively, anything else by its type name."""
+    if depth > 6:
+        return
+    if torch.is_tensor(value):
+        flat = value.detach().reshape(-1)
+        h.update(f"T{tuple(value.shape)}{value.dtype}".encode())
+        if flat.numel() and flat.device.type != "meta":
+            step = max(1, flat.numel() // 256)
+            h.update(flat[::step][:256].float().cpu().numpy().tobytes())
+    elif isinstance(value, (str, int, float, bool)) or value is None:
+        h.update(repr(value).encode())
+    elif isinstance(value, (list, tuple)):
+        h.update(f"[{len(value)}".encode())
+        for v in value:
+            _hash_value(h, v, depth + 1)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _hash_value(h, value[k], depth + 1)
+    else:
+        h.update(type(value).__name__.encode())
+        weights = getattr(value, "weights", None)  # comfy.weight_adapter (LoRA, LoHa, …)
+        if weights is not None:
+            _hash_value(h, weights, depth + 1)
+
+
+def conditioning_digest(conditioning) -> str:
+    h = hashlib.sha256()
+    _hash_value(h, [[e[0], e[1]] for e in _conditioning_entries(conditioning)])
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A digest of the UNet's own weights (strided samples of every tensor) and of the model's weight patches
+    (LoRAs, strengths). The model and its clones are unloaded first: while a clone is loaded the host merges
+    that clone's patches into the shared weights, which must not change the digest."""
+    mm.unload_model_and_clones(model)
+    h = hashlib.sha256(type(model.model).__name__.encode())
+    unet = model.model.diffusion_model
+    samples, names = [], []
+    for name, t in sorted(unet.state_dict().items()):
+        names.append(f"{name}{tuple(t.shape)}")
+        if t.numel() and t.device.type != "meta":
+            flat = t.detach().reshape(-1)
+            samples.append(flat[::max(1, flat.numel() // 64)][:64].float())
+    h.update("|".join(names).encode())
+    if samples:
+        h.update(torch.cat([s.cpu() for s in samples]).numpy().tobytes())
+    for key in sorted(model.patches):
+        h.update(key.encode())
+        _hash_value(h, model.patches[key])
+    return h.hexdigest()[:16]
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+def prompt_entries(positive: list) -> list:
+    """One [cross_attn (1, T, D), extras] entry per prompt; refuses what training cannot reproduce."""
+    entries = []
+    for i, conditioning in enumerate(positive):
+        items = _conditioning_entries(conditioning)
+        if len(items) != 1:
+            raise ValueError(f"prompt {i} has {len(items)} conditioning entries (ConditioningCombine / area prompts). "
+                             "D2FReflowPairs needs one entry per prompt, because training can only reproduce the "
+                             "UNet inputs of a single entry: use ConditioningConcat, or give the prompts as a list.")
+        cross_attn = items[0][0]
+        if cross_attn.ndim != 3 or cross_attn.shape[0] != 1:
+            raise ValueError(f"prompt {i}: expected one text embedding (1, tokens, dim), got {tuple(cross_attn.shape)}")
+        entries.append(items[0])
+    if not entries:
+        raise ValueError("connect a positive prompt (one CONDITIONING, or a list of them)")
+    return entries
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def batched_positive(entries: list):
+    """One CONDITIONING whose batch row j is the prompt ``entries[j]`` (text embeddings tiled to a common
+    token length and stacked, per-prompt tensors such as SDXL's pooled output stacked, other settings
+    shared), so a chunk that mixes prompts is one sampler call. None when the prompts carry settings that
+    differ: then each prompt is sampled on its own."""
+    keys = set(entries[0][1])
+    if any(set(e[1]) != keys for e in entries):
+        return None
+    extras = {}
+    for k in keys:
+        values = [e[1][k] for e in entries]
+        if all(torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 and v.shape == values[0].shape for v in values):
+            extras[k] = torch.cat(values)
+        elif all(_same(v, values[0]) for v in values):
+            extras[k] = values[0]
+        else:
+            return None
+    cross = torch.stack(_common_length([e[0][0] for e in entries]))
+    return [[cross, extras]]
+
+
+def prompt_table(model, entries: list, latent_shape) -> dict[str, torch.Tensor]:
+    """The UNet keyword tensors of each prompt (the host's own extra_conds), stacked (P, …) in float32."""
+    return stack_conditioning([unet_kwargs(model, entry, latent_shape) for entry in entries])
+
+
+# --- the node ----------------------------------------------------------------------------------------
+class D2FReflowPairs(io.ComfyNode):
+    """Reflow couplings from the model's own flow ODE.
+
+    Pair i: ε_i ~ N(0, I) seeded by (seed, i) only; prompt i mod P; Euler on the bridged model's flow ODE
+    dx/dσ = (x - x̂0_cfg(x, σ))/σ over ``flow_sigmas(steps, σ_max, shift)`` with classifier-free guidance
+    (the host's CFGGuider and the D2FEulerFlowSampler sampler, i.e. exactly what stock sampling on a
+    D2FFlowPatch'ed model does), from the host's max-denoise start; stored: (ε_i, x̂0_i = process_in(output)).
+
+    What the coupling means, given σ_max < 1: an ε/v checkpoint's schedule ends at σ_max = φ(ς_max) < 1
+    (SD: 0.936), so the ODE cannot start at pure noise σ = 1. The host's txt2img start at σ_max is
+    x = D(σ_max)·ε with D = sqrt((1-σ)² + σ²), the flow image of the native VE start sqrt(1+ς²)·ε (a unit
+    Gaussian in the network's VP coordinates), so ε here is exactly the noise the native sampler would use
+    and x̂0 is the model's (CFG) sample from it. Training on x = (1-σ)·x̂0 + σ·ε, target ε - x̂0, over
+    σ ∈ [σ_min, σ_max] fits the straight line through ε and x̂0; at σ_max that line passes σ_max·ε +
+    (1-σ_max)·x̂0, within (D - σ_max)·|ε| + (1-σ_max)·|x̂0| (≈ 0.002·|ε| + 0.064·|x̂0| on SD) of the
+    sampler's start, the same gap every flow-patched sampler run has at its first step.
+    """
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="D2FReflowPairs",
+            display_name="Diff2Flow Reflow Pairs",
+            category=CATEGORY,
+            description=(
+                "Makes Reflow training pairs: for each seeded noise ε, solves the model's own flow ODE (Euler flow "
+                "sampler, with CFG and the prompt) to its sample x̂0 and stores (ε, x̂0, prompt) under "
+                "output/d2f_couplings/<name>. Training D2FTrain on these straightens the sampling paths, so 2–4 "
+                "steps work. Chunks are saved as they are made: stopping keeps them, and running again with the "
+                "same inputs continues where it stopped."),
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The ε- or v-prediction model whose ODE is distilled (flow-patched or not; "
+                                                "LoRAs applied are part of it)."),
+                io.Conditioning.Input("positive", tooltip="The prompt, or a list of prompts: pair i uses prompt i mod "
+                                                          "(number of prompts)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt for classifier-free guidance (one)."),
+                io.Int.Input("count", default=512, min=1, max=10_000_000,
+                             tooltip="Number of pairs. Raising it later with the same inputs adds pairs to the folder."),
+                io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("steps", default=25, min=1, max=1000,
+                             tooltip="Euler steps of the ODE solve that defines each pair's x̂0 (more: closer to the exact ODE)."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale the pairs are sampled with (use the one you will sample with)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
+                             tooltip="Noise seed: pair i's noise depends on (seed, i) only, so runs are resumable and reproducible."),
+                io.Int.Input("batch_size", default=8, min=1, max=256,
+                             tooltip="Pairs per sampler call and per saved chunk (speed/memory only; a stop loses at most one chunk)."),
+                io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Time shift of the solver grid (as D2FFlowScheduler): 1 = uniform in flow time."),
+                io.String.Input("name", default="reflow",
+                                tooltip="Folder under output/d2f_couplings/. An existing folder made with the same settings "
+                                        "is continued; one made with other settings is refused."),
+            ],
+            outputs=[
+                CouplingsIO.Output(display_name="couplings", tooltip="The (noise, sample, prompt) pairs, for D2FTrain's couplings input."),
+                io.Int.Output(display_name="count", tooltip="Pairs returned (fewer than asked when stopped)."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        # Re-run whenever the folder changed (e.g. a stopped run left it incomplete): the run then resumes.
+        try:
+            return _folder_fingerprint(couplings_folder(_first(kwargs.get("name"))))
+        except (ValueError, TypeError):
+            return ""
+
+    @classmethod
+    def execute(cls, model, positive, negative, **options) -> io.NodeOutput:
+        model, negative = _first(model), _first(negative)
+        opts = {k: _first(v) for k, v in options.items()}
+        count, steps, cfg, seed = int(opts["count"]), int(opts["steps"]), float(opts["cfg"]), int(opts["seed"])
+        batch_size, shift = int(opts["batch_size"]), float(opts["shift"])
+        folder = couplings_folder(opts["name"])
+
+        # Everything that can be wrong with the inputs fails here, before any sampling.
+        sampling = bridge_sampling_of(model)
+        flow = model
+        if not isinstance(model.get_model_object("model_sampling"), type(sampling)):
+            flow = model.clone()
+            flow.add_object_patch("model_sampling", sampling)
+        latent_format = model.get_model_object("latent_format")
+        ratio = int(getattr(latent_format, "spacial_downscale_ratio", 8) or 8)
+        shape = (int(latent_format.latent_channels), int(opts["height"]) // ratio, int(opts["width"]) // ratio)
+        if negative is None:
+            raise ValueError("connect a negative prompt (CLIP Text Encode of '' works)")
+        entries = prompt_entries([p for p in (positive or []) if p is not None])
+        table = prompt_table(model, entries, shape)
+        meta = {
+            "model": model_fingerprint(model), "model_type": type(model.model).__name__,
+            "prediction": sampling.prediction, "label_offset": float(sampling.bridge.label_offset),
+            "sigma_max": float(sampling.sigma_max), "latent_format": type(latent_format).__name__,
+            "shape": list(shape), "sampler": "euler_flow", "steps": steps, "cfg": cfg, "shift": shift, "seed": seed,
+            "prompts": [conditioning_digest([e]) for e in entries], "negative": conditioning_digest(negative),
+            "pack_version": PACK_VERSION, "batch_size": batch_size,
+        }
+        try:
+            writer = CouplingsWriter(folder, meta, table)
+        except CouplingsError as exc:
+            raise ValueError(f"D2FReflowPairs: {exc}") from None
+
+        if writer.count < count:
+            run = PairSampler(flow, entries, negative, cfg, flow_sigmas(steps, float(sampling.sigma_max), shift),
+                              seed, total=(count - writer.count) * steps, node_id=cls.hidden.unique_id)
+            logging.info(f"D2FReflowPairs: {writer.count} pairs in '{folder}', making {count - writer.count} more")
+            try:
+                generate(writer, count, batch_size, run.sample, seed=seed, shape=shape,
+                         should_stop=mm.processing_interrupted)
+            except mm.InterruptProcessingException:
+                pass
+            except torch.OutOfMemoryError:
+                raise RuntimeError(
+                    f"D2FReflowPairs ran out of GPU memory at batch size {batch_size} ({writer.count} pairs are saved in "
+                    f"'{folder}'). Lower batch_size and run again: it continues from there.") from None
+            if writer.count < count:  # stopped: keep and return what is finished
+                mm.interrupt_current_processing(False)
+                if writer.count == 0:
+                    raise mm.InterruptProcessingException()
+                logging.info(f"D2FReflowPairs: stopped with {writer.count}/{count} pairs in '{folder}'; "
+                             "run again with the same inputs to continue")
+        couplings = load_couplings(folder, limit=count)
+        return io.NodeOutput(couplings, len(couplings))
+
+
+class PairSampler:
+    """The host's own sampling path for one chunk: CFGGuider + KSAMPLER(sample_euler_flow) over flow sigmas,
+    with the node's progress bar and latent previews."""
+
+    def __init__(self, model, entries, negative, cfg: float, sigmas: torch.Tensor, seed: int, total: int, node_id):
+        self.model, self.entries, self.negative, self.cfg = model, entries, negative, cfg
+        self.sigmas, self.seed = sigmas, seed
+        self.sampler = comfy.samplers.KSAMPLER(sample_euler_flow)
+        self.latent_format = model.get_model_object("latent_format")
+        self.pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.done = 0  # pair-steps finished
+        self.previewer = None
+        try:
+            import latent_preview
+            self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        except Exception as exc:  # previews are optional
+            logging.warning(f"D2FReflowPairs: no previews ({exc})")
+
+    def _callback(self, rows: int):
+        base = self.done
+
+        def callback(step, x0, x, total_steps):
+            preview = None
+            if self.previewer is not None:
+                try:
+                    preview = self.previewer.decode_latent_to_preview_image("JPEG", x0[:1])
+                except Exception:
+                    preview = None
+            self.pbar.update_absolute(base + (step + 1) * rows, None, preview)
+        return callback
+
+    def _solve(self, positive, noise: torch.Tensor) -> torch.Tensor:
+        guider = comfy.samplers.CFGGuider(self.model)
+        guider.set_conds(positive, self.negative)
+        guider.set_cfg(self.cfg)
+        out = guider.sample(noise, torch.zeros_like(noise), self.sampler, self.sigmas,
+                            callback=self._callback(noise.shape[0]), disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                            seed=self.seed)
+        self.done += noise.shape[0] * (len(self.sigmas) - 1)
+        return self.latent_format.process_in(out.float().cpu())
+
+    def sample(self, noise: torch.Tensor, prompt_index: torch.Tensor, start: int) -> torch.Tensor:
+        index = prompt_index.tolist()
+        if len(set(index)) == 1:
+            return self._solve([self.entries[index[0]]], noise)
+        merged = batched_positive([self.entries[p] for p in index])
+        if merged is not None:
+            return self._solve(merged, noise)
+        out = torch.empty_like(noise)
+        for p in sorted(set(index)):
+            rows = torch.tensor([j for j, q in enumerate(index) if q == p])
+            out[rows] = self._solve([self.entries[p]], noise[rows])
+        return out
+
+
+class D2FLoadReflowPairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        folders = list_couplings_folders()
+        return io.Schema(
+            node_id="D2FLoadReflowPairs",
+            display_name="Diff2Flow Load Reflow Pairs",
+            category=CATEGORY,
+            description="Loads Reflow pairs made earlier by D2FReflowPairs (a folder under output/d2f_couplings/), "
+                        "for D2FTrain's couplings input.",
+            inputs=[
+                io.Combo.Input("name", options=folders or [NO_FOLDERS], default=(folders or [NO_FOLDERS])[0],
+                               tooltip="A couplings folder under output/d2f_couplings/ (refresh the page to list new ones)."),
+                io.String.Input("path", default="", optional=True, advanced=True,
+                                tooltip="Instead of name: a folder path, absolute or relative to output/d2f_couplings/."),
+                io.Int.Input("limit", default=0, min=0, max=10_000_000, optional=True, advanced=True,
+                             tooltip="Load only the first N pairs (0: all)."),
+            ],
+            outputs=[
+                CouplingsIO.Output(display_name="couplings", tooltip="The stored (noise, sample, prompt) pairs."),
+                io.Int.Output(display_name="count", tooltip="Pairs loaded."),
+            ],
+        )
+
+    @staticmethod
+    def _folder(name: str, path: str | None) -> str:
+        path = (path or "").strip()
+        if path:
+            return path if os.path.isabs(path) else os.path.join(couplings_root(), path)
+        if not name or name == NO_FOLDERS:
+            raise ValueError(f"no couplings in output/{COUPLINGS_DIR}/ yet: make them with D2FReflowPairs (then refresh), "
+                             "or type a folder in path")
+        return couplings_folder(name)
+
+    @classmethod
+    def fingerprint_inputs(cls, name, path=None, limit=0):
+        try:
+            return _folder_fingerprint(cls._folder(name, path)) + f":{limit}"
+        except ValueError:
+            return ""
+
+    @classmethod
+    def execute(cls, name, path=None, limit=0) -> io.NodeOutput:
+        folder = cls._folder(name, path)
+        try:
+            couplings = load_couplings(folder, limit=limit or None)
+        except CouplingsError as exc:
+            raise ValueError(f"D2FLoadReflowPairs: {exc}") from None
+        return io.NodeOutput(couplings, len(couplings))
+
+
+REFLOW_NODES = [D2FReflowPairs, D2FLoadReflowPairs]
+
+__all__ = ["REFLOW_NODES", "COUPLINGS_TYPE", "CouplingsIO", "Couplings", "couplings_folder", "couplings_root"]
