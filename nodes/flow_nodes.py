@@ -20,6 +20,14 @@ def _flow_sampling_of(model) -> FlowBridgeSampling:
     return sampling
 
 
+def _patch_readout(sampling: FlowBridgeSampling, requested: str, label_offset: int) -> dict:
+    """What the web extension shows on the node after it ran: prediction type and σ range."""
+    s_max, s_min = float(sampling.sigma_max), float(sampling.sigma_min)
+    return {"prediction": sampling.prediction, "requested": requested, "label_offset": int(label_offset),
+            "sigma_max": s_max, "sigma_min": s_min, "steps": int(sampling.sigmas.shape[0]),
+            "base_sigma_max": s_max / (1.0 - s_max), "base_sigma_min": s_min / (1.0 - s_min)}
+
+
 class D2FFlowPatch(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -41,6 +49,7 @@ class D2FFlowPatch(io.ComfyNode):
                                      "Diff2Flow code, which labels step k with the noise level of k-1."),
             ],
             outputs=[io.Model.Output(tooltip="The same weights, sampled as a flow model (σ from ~0.94 to 0).")],
+            has_intermediate_output=True,  # its read-out (prediction, σ range) is resent when the node is cached
         )
 
     @classmethod
@@ -48,7 +57,7 @@ class D2FFlowPatch(io.ComfyNode):
         sampling = flow_model_sampling(model, prediction, label_offset)
         patched = model.clone()
         patched.add_object_patch("model_sampling", sampling)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patched, ui={"d2f_flow_patch": [_patch_readout(sampling, prediction, label_offset)]})
 
 
 class D2FFlowScheduler(io.ComfyNode):

@@ -137,6 +137,30 @@ class Host:
         """``run`` for a node with one output: that output."""
         return self.run(node_id, **inputs)[0]
 
+    def run_output_node(self, node_id: str, **inputs):
+        """``run`` for output nodes (SaveLoRA, LossGraphNode, CheckpointSave, …), whose V3 ``NodeOutput``
+        may carry no result at all: returns ``(result tuple, ui dict or None)``."""
+        import torch
+        from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
+
+        cls = self.node_class(node_id)
+        if isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal):
+            cls.VALIDATE_CLASS()
+            cls.GET_SCHEMA()
+            fn = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(None))
+        else:
+            fn = getattr(cls(), cls.FUNCTION)
+        with torch.inference_mode():
+            out = fn(**inputs)
+            if inspect.isawaitable(out):
+                out = asyncio.run(out)
+        if hasattr(out, "result"):  # V3 NodeOutput
+            ui = out.ui.as_dict() if hasattr(out.ui, "as_dict") else out.ui
+            return tuple(out.result or ()), ui
+        if isinstance(out, dict):  # V1 {"ui": ..., "result": ...}
+            return tuple(out.get("result", ())), out.get("ui")
+        return tuple(out), None
+
 
 _BOOTED: Host | None = None
 
@@ -358,3 +382,32 @@ def write_sd15_checkpoint(path: str, unet_sd: dict, seed: int = 1) -> str:
     if key in sd:
         sd[key] = torch.arange(sd[key].shape[-1]).reshape(sd[key].shape)
     return save_safetensors(sd, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# more of the host's own nodes, on demand
+# ---------------------------------------------------------------------------------------------
+_EXTRAS_LOADED: set[str] = set()
+
+
+def load_core_extras(host: Host, *files: str) -> None:
+    """Load more ``comfy_extras/*.py`` modules of the host (as ``init_builtin_extra_nodes`` does), each
+    once per session, e.g. ``nodes_train.py`` (SaveLoRA, LoraModelLoader, LossGraphNode),
+    ``nodes_dataset.py`` (MakeTrainingDataset, ResolutionBucket), ``nodes_model_merging.py``
+    (CheckpointSave)."""
+    for extra in files:
+        if extra in _EXTRAS_LOADED or extra in CORE_EXTRAS:
+            continue
+        path = os.path.join(host.path, "comfy_extras", extra)
+        if not asyncio.run(host.nodes.load_custom_node(path, module_parent="comfy_extras")):
+            raise RuntimeError(f"the host could not load its own comfy_extras/{extra}")
+        _EXTRAS_LOADED.add(extra)
+
+
+def add_model_folder(host: Host, kind: str, path: str) -> str:
+    """Register ``path`` as one more folder of model kind ``kind`` ("loras", "checkpoints", …), the way
+    ``extra_model_paths.yaml`` does, so the core loaders find files written there (e.g. into output/)."""
+    os.makedirs(path, exist_ok=True)
+    if path not in host.folder_paths.get_folder_paths(kind):
+        host.folder_paths.add_model_folder_path(kind, path)
+    return path

@@ -20,5 +20,14 @@ else
     py=$repo/.venv-test/bin/python
 fi
 "$py" -m pip install -q torch numpy safetensors einops pytest 2>&1 | grep -v "is ignored" || true
+# browser tests (tests/test_browser.py): Debian's Chromium + the Playwright driver; never downloads a browser
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing chromium for the browser tests"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+        || echo "== chromium could not be installed: browser tests will skip"
+fi
+"$py" -m pip install -q playwright 2>&1 | grep -v "is ignored" || true
+"$py" -c "import comfyui_frontend_package" 2>/dev/null || { [ -f "$host/requirements.txt" ] && \
+    "$py" -m pip install -q "$(grep -E '^comfyui-frontend-package==' "$host/requirements.txt")"; } || true
 cd "$repo"
 exec "$py" -m pytest "$@"

@@ -1,0 +1,291 @@
+"""The pack's example workflows (``workflows/*.json``), built against the host's node definitions.
+
+``python -m d2f_host.examples [OUT_DIR]`` boots the host (CPU) and writes them in UI format; the
+files in the repository were then loaded into ComfyUI's frontend and saved back from it
+(``d2f_host.author``), so they are exactly what the frontend saves. ``EXAMPLES`` also records, per
+workflow, which model files it names, so tests can lay out stand-ins under those names.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .workflow import WorkflowBuilder, dump
+
+SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SDXL_VPRED_CKPT = "sdxl_vpred_checkpoint.safetensors"
+TRAIN_FOLDER = "d2f_train_example"
+IMG2IMG_IMAGE = "example.png"
+
+POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed"
+NEGATIVE = "blurry, low quality, watermark, text"
+
+PATCH_NOTE = (
+    "Diff2Flow Patch makes this ε/v-prediction checkpoint a flow-matching model: x = (1-σ)·x0 + σ·ε, "
+    "σ from σ_max (0.936 on SD's schedule) down to 0. It is exact: the same network, read in flow "
+    "coordinates. It patches a clone, so the loader's model is untouched. prediction = auto reads ε/v from "
+    "the checkpoint. After a run the node shows the detected prediction and the σ range.\n\n"
+    "Put it right after the loader (and any LoRA loaders): it must come before samplers, schedulers and "
+    "RescaleCFG. Use Diff2Flow RescaleCFG instead of the stock RescaleCFG on a patched model.")
+
+
+def _common(b: WorkflowBuilder, ckpt: str, *, x=0, y=0, title="Load Checkpoint"):
+    ckpt_node = b.node("CheckpointLoaderSimple", [x, y + 40], [330, 100], title=title, ckpt_name=ckpt)
+    return ckpt_node
+
+
+def _prompts(b: WorkflowBuilder, clip_src, x, y, positive=POSITIVE, negative=NEGATIVE):
+    pos = b.node("CLIPTextEncode", [x, y], [420, 150], title="Positive prompt", color="#232", bgcolor="#353",
+                 text=positive)
+    neg = b.node("CLIPTextEncode", [x, y + 200], [420, 130], title="Negative prompt", color="#322",
+                 bgcolor="#533", text=negative)
+    b.link(clip_src, "CLIP", pos, "clip")
+    b.link(clip_src, "CLIP", neg, "clip")
+    return pos, neg
+
+
+def sd15_txt2img(defs, *, ckpt=SD15_CKPT, width=512, height=512, label="SD1.5", note_extra="", steps=20, cfg=7.0):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, ckpt)
+    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
+    b.link(ckpt_node, "MODEL", patch, "model")
+    pos, neg = _prompts(b, ckpt_node, 400, 250)
+    latent = b.node("EmptyLatentImage", [400, 640], [330, 110], width=width, height=height, batch_size=1)
+    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=steps, cfg=cfg,
+                sampler_name="euler", scheduler="simple", denoise=1.0)
+    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
+                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
+        b.link(src, out, ks, name)
+    dec = b.node("VAEDecode", [880, 360], [210, 50])
+    b.link(ks, "LATENT", dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix=f"d2f/{label.lower().replace('.', '')}_txt2img")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        f"Diff2Flow — {label} text-to-image with a stock KSampler\n\n"
+        f"1. Load Checkpoint: choose your {label} checkpoint in models/checkpoints ({ckpt} is only the usual "
+        "file name).\n\n"
+        f"2. {PATCH_NOTE}\n\n"
+        "3. KSampler: euler + simple on the patched model is DDIM on the original checkpoint, step for step. "
+        "Every stock sampler and scheduler works on the patched model; euler_ancestral takes its "
+        "rectified-flow path." + note_extra,
+        [0, 220], [360, 560], title="Read me: what to set, and why")
+    b.group("Model", [-10, -10, 750, 180])
+    b.group("Sampling", [870, -10, 820, 540])
+    return b.to_json()
+
+
+def sd15_flow_sampler(defs):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, SD15_CKPT)
+    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
+    b.link(ckpt_node, "MODEL", patch, "model")
+    pos, neg = _prompts(b, ckpt_node, 400, 250)
+    latent = b.node("EmptyLatentImage", [400, 640], [330, 110], width=512, height=512, batch_size=1)
+    noise = b.node("RandomNoise", [880, 40], [330, 82], noise_seed=42, noise_seed__control="fixed")
+    guider = b.node("CFGGuider", [880, 170], [330, 100], cfg=7.0)
+    b.link(patch, "MODEL", guider, "model")
+    b.link(pos, "CONDITIONING", guider, "positive")
+    b.link(neg, "CONDITIONING", guider, "negative")
+    sampler = b.node("D2FEulerFlowSampler", [880, 320], [330, 30])
+    sched = b.node("D2FFlowScheduler", [880, 400], [330, 130], steps=20, shift=1.0, denoise=1.0)
+    b.link(patch, "MODEL", sched, "model")
+    sca = b.node("SamplerCustomAdvanced", [1260, 40], [300, 110])
+    b.link(noise, "NOISE", sca, "noise")
+    b.link(guider, "GUIDER", sca, "guider")
+    b.link(sampler, "SAMPLER", sca, "sampler")
+    b.link(sched, "SIGMAS", sca, "sigmas")
+    b.link(latent, "LATENT", sca, "latent_image")
+    dec = b.node("VAEDecode", [1260, 200], [210, 50])
+    b.link(sca, 0, dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [1600, 40], [420, 470], filename_prefix="d2f/sd15_flow_sampler")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        "Diff2Flow — SD1.5 with the flow scheduler and the Euler flow sampler\n\n"
+        f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
+        f"2. {PATCH_NOTE}\n\n"
+        "3. Diff2Flow Scheduler: flow times from σ_max to 0, uniform in flow time (shift 1). shift > 1 spends "
+        "more steps at high noise (SD3 uses 3); denoise < 1 keeps only the last part (img2img).\n\n"
+        "4. Diff2Flow Euler Flow Sampler: x ← x + (σ_next - σ)·(x - x̂0)/σ. CFGGuider works unchanged: CFG "
+        "commutes with the bridge.\n\n"
+        "Stock KSamplerSelect and BasicScheduler work on the patched model as well.",
+        [0, 220], [360, 620], title="Read me: what to set, and why")
+    b.group("Model", [-10, -10, 750, 180])
+    b.group("Flow sampling", [870, -10, 1160, 560])
+    return b.to_json()
+
+
+def sdxl_eps(defs):
+    return sd15_txt2img(
+        defs, ckpt=SDXL_CKPT, width=1024, height=1024, label="SDXL", steps=25, cfg=6.0,
+        note_extra="\n\nSDXL works at 1024×1024 (or 1152×896, 896×1152, 1216×832, …). This is the ε-prediction "
+                   "SDXL base; for v-prediction SDXL models see the v-pred workflow.")
+
+
+def sdxl_vpred(defs):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, SDXL_VPRED_CKPT, title="Load Checkpoint (v-prediction SDXL)")
+    msd = b.node("ModelSamplingDiscrete", [400, 40], [330, 82], sampling="v_prediction", zsnr=False)
+    b.link(ckpt_node, "MODEL", msd, "model")
+    patch = b.node("D2FFlowPatch", [400, 170], [330, 110], prediction="auto", label_offset=0)
+    b.link(msd, "MODEL", patch, "model")
+    pos, neg = _prompts(b, ckpt_node, 400, 360)
+    latent = b.node("EmptyLatentImage", [400, 750], [330, 110], width=1024, height=1024, batch_size=1)
+    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=25, cfg=5.0,
+                sampler_name="euler", scheduler="simple", denoise=1.0)
+    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
+                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
+        b.link(src, out, ks, name)
+    dec = b.node("VAEDecode", [880, 360], [210, 50])
+    b.link(ks, "LATENT", dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix="d2f/sdxl_vpred_txt2img")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        "Diff2Flow — v-prediction SDXL\n\n"
+        "1. Load Checkpoint: choose your v-prediction SDXL checkpoint (the file name here is a placeholder).\n\n"
+        "2. ModelSamplingDiscrete = v_prediction tells ComfyUI the network predicts v. Many v-pred checkpoints "
+        "say so in their metadata and are detected anyway; this node makes sure, and it must come BEFORE the "
+        "patch, which reads the prediction type from the model (alternatively set the patch's prediction to "
+        "v_prediction and drop this node). zsnr: turn on only for checkpoints trained with zero terminal SNR.\n\n"
+        f"3. {PATCH_NOTE}\n\n"
+        "4. KSampler: euler + simple equals DDIM on the original v-prediction model. Lower CFG (4–6) suits most "
+        "v-pred SDXL models.",
+        [0, 220], [360, 640], title="Read me: what to set, and why")
+    b.group("Model", [-10, -10, 750, 300])
+    b.group("Sampling", [870, -10, 820, 540])
+    return b.to_json()
+
+
+def sd15_img2img(defs):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, SD15_CKPT)
+    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
+    b.link(ckpt_node, "MODEL", patch, "model")
+    pos, neg = _prompts(b, ckpt_node, 400, 250, positive="an oil painting of the same scene, impasto, warm light")
+    load = b.node("LoadImage", [0, 620], [330, 330], image=IMG2IMG_IMAGE)
+    enc = b.node("VAEEncode", [400, 640], [210, 50])
+    b.link(load, "IMAGE", enc, "pixels")
+    b.link(ckpt_node, "VAE", enc, "vae")
+    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=20, cfg=7.0,
+                sampler_name="euler", scheduler="simple", denoise=0.6)
+    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
+                           (neg, "CONDITIONING", "negative"), (enc, "LATENT", "latent_image")):
+        b.link(src, out, ks, name)
+    dec = b.node("VAEDecode", [880, 360], [210, 50])
+    b.link(ks, "LATENT", dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix="d2f/sd15_img2img")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        "Diff2Flow — SD1.5 image-to-image\n\n"
+        f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
+        "2. Load Image: any picture from ComfyUI/input (example.png ships with ComfyUI). It is encoded by the "
+        "checkpoint's VAE.\n\n"
+        f"3. {PATCH_NOTE}\n\n"
+        "4. KSampler denoise 0.6: starts at flow time σ ≈ 0.6·σ_max from x = (1-σ)·image + σ·noise, the flow "
+        "interpolant, and runs the last 60% of the schedule. Lower keeps more of the image.",
+        [0, 220], [360, 380], title="Read me: what to set, and why")
+    b.group("Model", [-10, -10, 750, 180])
+    b.group("Sampling", [870, -10, 820, 540])
+    return b.to_json()
+
+
+def sd15_train_lora(defs):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, SD15_CKPT)
+    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
+    b.link(ckpt_node, "MODEL", patch, "model")
+    data = b.node("LoadImageTextDataSetFromFolder", [0, 620], [330, 80], folder=TRAIN_FOLDER)
+    make = b.node("MakeTrainingDataset", [400, 250], [330, 100])
+    b.link(data, "images", make, "images")
+    b.link(ckpt_node, "VAE", make, "vae")
+    b.link(ckpt_node, "CLIP", make, "clip")
+    b.link(data, "texts", make, "texts")
+    empty = b.node("CLIPTextEncode", [400, 410], [330, 110], title="Empty prompt (CFG / caption dropout)",
+                   color="#322", bgcolor="#533", text="")
+    b.link(ckpt_node, "CLIP", empty, "clip")
+    train = b.node("D2FTrain", [800, 40], [400, 720], mode="lora", steps=500, batch_size=1, grad_accumulation=1,
+                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
+                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
+                   optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
+                   caption_dropout=0.0, seed=0, seed__control="fixed", save_every=100, preview_every=50, run_name="d2f_sd15_lora",
+                   resume_from="")
+    b.link(patch, "MODEL", train, "model")
+    b.link(make, "latents", train, "latents")
+    b.link(make, "conditioning", train, "positive")
+    b.link(empty, "CONDITIONING", train, "empty_conditioning")
+    save_lora = b.node("SaveLoRA", [1260, 40], [330, 110], prefix="loras/d2f_sd15_lora", steps=0)
+    b.link(train, "lora", save_lora, "lora")
+    b.link(train, "steps", save_lora, "steps")
+    loss = b.node("LossGraphNode", [1260, 200], [330, 330], filename_prefix="d2f/loss_graph")
+    b.link(train, "loss", loss, "loss")
+    pos = b.node("CLIPTextEncode", [1260, 580], [330, 130], title="Preview prompt", color="#232", bgcolor="#353",
+                 text="a photo in the style of the training images")
+    b.link(ckpt_node, "CLIP", pos, "clip")
+    latent = b.node("EmptyLatentImage", [1260, 760], [330, 110], width=512, height=512, batch_size=1)
+    ks = b.node("KSampler", [1640, 40], [330, 270], seed=42, seed__control="fixed", steps=20, cfg=6.0,
+                sampler_name="euler", scheduler="simple", denoise=1.0)
+    b.link(train, "model", ks, "model")
+    b.link(pos, "CONDITIONING", ks, "positive")
+    b.link(empty, "CONDITIONING", ks, "negative")
+    b.link(latent, "LATENT", ks, "latent_image")
+    dec = b.node("VAEDecode", [1640, 360], [210, 50])
+    b.link(ks, "LATENT", dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [2010, 40], [420, 470], filename_prefix="d2f/trained_preview")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        "Diff2Flow — LoRA fine-tune of SD1.5 toward flow matching\n\n"
+        f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
+        f"2. Training images: put them in ComfyUI/input/{TRAIN_FOLDER}/ (PNG/JPG/WEBP), each with a caption in a "
+        "same-name .txt file; kohya-style subfolders (10_name) repeat their images. Refresh (R) and pick the "
+        "folder in Load Image-Text. 512×512 images suit SD1.5; other sizes are bucketed by resolution.\n\n"
+        "3. Diff2Flow Train minimises the Diff2Flow loss ‖v̂ - (ε - x0)‖² through the flow patch. LoRA rank 16, "
+        "learning rate 1e-4 and 500 steps are a start for 10–50 images. bf16 needs a GPU; on CPU use "
+        "training_dtype fp32. The node draws the loss, samples/s and ETA live while it trains; save_every "
+        "writes the LoRA and a resumable state (output/loras, output/d2f_states), preview_every shows a sample "
+        "on the node.\n\n"
+        "4. Save LoRA writes the final LoRA (loras/d2f_sd15_lora…), which the core LoRA loaders read; put "
+        "Diff2Flow Patch after the LoRA loader when you use it. Plot Loss Graph saves the loss curve. The "
+        "KSampler samples the trained model (already flow-patched) right away.",
+        [0, 220], [360, 370], title="Read me: what to set, and why")
+    b.group("Data", [-10, -10, 750, 730])
+    b.group("Train", [790, -10, 420, 900])
+    b.group("Save and preview", [1250, -10, 1190, 890])
+    return b.to_json()
+
+
+EXAMPLES = {
+    # name: (builder, {model folder: [file names the workflow names]}, {input files/folders it names})
+    "d2f_sd15_txt2img": (sd15_txt2img, {"checkpoints": [SD15_CKPT]}, {}),
+    "d2f_sd15_flow_sampler": (sd15_flow_sampler, {"checkpoints": [SD15_CKPT]}, {}),
+    "d2f_sdxl_txt2img": (sdxl_eps, {"checkpoints": [SDXL_CKPT]}, {}),
+    "d2f_sdxl_vpred_txt2img": (sdxl_vpred, {"checkpoints": [SDXL_VPRED_CKPT]}, {}),
+    "d2f_sd15_img2img": (sd15_img2img, {"checkpoints": [SD15_CKPT]}, {"image": IMG2IMG_IMAGE}),
+    "d2f_sd15_train_lora": (sd15_train_lora, {"checkpoints": [SD15_CKPT]}, {"folder": TRAIN_FOLDER}),
+}
+
+
+def build_all(defs) -> dict:
+    return {name: build(defs) for name, (build, _, _) in EXAMPLES.items()}
+
+
+def main(argv=None) -> int:
+    from .host import boot, object_info
+
+    argv = sys.argv[1:] if argv is None else argv
+    out = argv[0] if argv else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+    boot(cpu=True, custom_nodes=False)
+    defs = object_info()
+    for name, workflow in build_all(defs).items():
+        dump(workflow, os.path.join(out, f"{name}.json"))
+        print(f"wrote {os.path.join(out, name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

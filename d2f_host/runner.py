@@ -1,0 +1,231 @@
+"""Run a workflow headlessly through the host's own machinery: ``execution.validate_prompt`` (the
+checks the server runs on ``POST /prompt``) and ``execution.PromptExecutor`` (the worker that runs
+queued prompts), with ``comfy.utils.ProgressBar`` hooked as ``main.py`` hooks it. Outputs land where
+ComfyUI puts them (its output directory, or the one given)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import workflow as wf
+from .host import Host, boot, object_info
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    success: bool
+    outputs: dict  # node id → the UI output the node reported (images, text, …)
+    files: list[str]  # files written under the output directory during the run
+    seconds: float
+    error: dict | None = None  # the executor's execution_error message
+    messages: list = field(default_factory=list)  # (event, data) as the websocket would carry them
+
+    def events(self, name: str) -> list:
+        return [data for event, data in self.messages if event == name]
+
+
+def format_validation_error(result, prompt: dict) -> str:
+    _, error, _, node_errors = result
+    lines = [f"{error.get('message', 'invalid prompt')}" + (f": {error['details']}" if error.get("details") else "")]
+    for node_id, info in (node_errors or {}).items():
+        title = (prompt.get(node_id, {}).get("_meta") or {}).get("title", "")
+        for e in info.get("errors", []):
+            lines.append(f"  node {node_id} ({info.get('class_type')}{', ' + repr(title) if title else ''}): "
+                         f"{e.get('message')}: {e.get('details')}")
+    return "\n".join(lines)
+
+
+def _fmt_seconds(s) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class TextProgress:
+    """A text progress display for the executor's messages: one line per node, a bar for nodes that
+    report progress (redrawn in place on a terminal, in 10% steps otherwise), and the loss, speed and
+    ETA of D2FTrain runs."""
+
+    def __init__(self, prompt: dict, stream=None, width: int = 28):
+        self.prompt = prompt
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.width = width
+        self.total = len(prompt)
+        self.done = 0
+        self.current = None
+        self.line_open = False
+        self.last_decile = -1
+        self.train = {}
+
+    def _title(self, node_id) -> str:
+        entry = self.prompt.get(str(node_id), {})
+        return f"{(entry.get('_meta') or {}).get('title') or entry.get('class_type', '?')} (#{node_id})"
+
+    def _write(self, text: str, end: str = "\n"):
+        if self.line_open and self.tty:
+            self.stream.write("\r\x1b[2K")
+        self.stream.write(text + end)
+        self.stream.flush()
+        self.line_open = end == ""
+
+    def _close_line(self):
+        if self.line_open:
+            self.stream.write("\n")
+            self.line_open = False
+
+    def __call__(self, event, data):
+        if not isinstance(event, str) or not isinstance(data, dict):
+            return  # binary previews
+        if event == "execution_cached":
+            self.total = len(self.prompt) - len(data.get("nodes", []))
+        elif event == "executing":
+            node = data.get("node")
+            if node is None:
+                return
+            self._close_line()
+            self.done += 1
+            self.current = node
+            self.last_decile = -1
+            self._write(f"[{self.done}/{self.total}] {self._title(node)}")
+        elif event == "progress":
+            self._bar(data.get("node") or self.current, data.get("value", 0), data.get("max", 0))
+        elif event == "d2f.train":
+            self.train[str(data.get("node"))] = data
+            if data.get("kind") == "saved":
+                self._close_line()
+                self._write(f"    saved {data.get('path')}")
+            elif data.get("kind") == "done":
+                self._close_line()
+                self._write(f"    training {data.get('status', 'done')} at step {data.get('step')}/{data.get('total')}")
+        elif event == "execution_error":
+            self._close_line()
+            self._write(f"error in {self._title(data.get('node_id'))}: {data.get('exception_type')}: "
+                        f"{data.get('exception_message')}")
+        elif event == "execution_interrupted":
+            self._close_line()
+            self._write(f"interrupted in {self._title(data.get('node_id'))}")
+
+    def _bar(self, node, value, total):
+        if not total:
+            return
+        frac = min(max(value / total, 0.0), 1.0)
+        decile = int(frac * 10)
+        if not self.tty and decile == self.last_decile:
+            return
+        self.last_decile = decile
+        filled = int(round(frac * self.width))
+        text = f"    |{'#' * filled}{'-' * (self.width - filled)}| {value}/{total}"
+        t = self.train.get(str(node))
+        if t and t.get("kind") == "progress":
+            losses = t.get("losses") or []
+            if losses:
+                text += f"  loss {losses[-1]:.4f}"
+            if t.get("samples_per_second"):
+                text += f"  {t['samples_per_second']:.2f} samples/s"
+            text += f"  ETA {_fmt_seconds(t.get('eta_seconds'))}"
+        self._write(text, end="" if self.tty else "\n")
+
+    def finish(self):
+        self._close_line()
+
+
+def _snapshot(folder: str) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            try:
+                out[p] = os.stat(p).st_mtime_ns
+            except OSError:
+                pass
+    return out
+
+
+def _progress_hook(server):
+    """``main.hijack_progress``'s hook: ProgressBar updates → progress registry + 'progress' messages."""
+    import comfy.model_management
+    from comfy_execution.progress import get_progress_state
+    from comfy_execution.utils import get_executing_context
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if prompt_id is None and ctx is not None:
+            prompt_id = ctx.prompt_id
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt_id = prompt_id or server.last_prompt_id
+        node_id = node_id or server.last_node_id
+        get_progress_state().update_progress(node_id, value, total, preview_image)
+        server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id, "node": node_id},
+                         server.client_id)
+    return hook
+
+
+def run_prompt(prompt: dict, host: Host | None = None, progress=None, client_id: str = "d2f-run") -> RunResult:
+    """Validate and execute an API-format prompt. Raises ``WorkflowError`` when the host's validation
+    rejects it; an execution error is returned (``success`` False, ``error`` set)."""
+    import comfy.utils
+    import execution
+    import folder_paths
+
+    host = host or boot()
+    server = host.server
+    prompt_id = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        raise wf.WorkflowError(format_validation_error(valid, prompt))
+
+    messages = []
+
+    def listener(event, data):
+        messages.append((event, data))
+        if progress is not None:
+            progress(event, data)
+
+    out_dir = folder_paths.get_output_directory()
+    before = _snapshot(out_dir)
+    old_listener = getattr(server, "listener", None)
+    old_hook = comfy.utils.PROGRESS_BAR_HOOK
+    if hasattr(server, "listener"):
+        server.listener = listener
+    server.last_prompt_id = prompt_id
+    comfy.utils.set_progress_bar_global_hook(_progress_hook(server))
+    executor = host.executor()
+    t0 = time.perf_counter()
+    try:
+        executor.execute(prompt, prompt_id, {"client_id": client_id}, valid[2])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        if hasattr(server, "listener"):
+            server.listener = old_listener
+        if hasattr(progress, "finish"):
+            progress.finish()
+    seconds = time.perf_counter() - t0
+    after = _snapshot(out_dir)
+    files = sorted(p for p, m in after.items() if before.get(p) != m)
+    error = next((data for event, data in executor.status_messages if event == "execution_error"), None)
+    if error is None:
+        error = next((data for event, data in executor.status_messages if event == "execution_interrupted"), None)
+    outputs = (getattr(executor, "history_result", None) or {}).get("outputs", {})
+    return RunResult(prompt_id, bool(executor.success) and error is None, outputs, files, seconds, error, messages)
+
+
+def prepare(workflow, overrides=(), defs: dict | None = None) -> dict:
+    """The API prompt for a workflow (path, UI-format dict or API-format dict), overrides applied."""
+    data = wf.load(workflow) if isinstance(workflow, (str, os.PathLike)) else workflow
+    prompt = wf.to_api(data, defs if defs is not None else object_info())
+    return wf.apply_overrides(prompt, list(overrides))
+
+
+def run_workflow(workflow, overrides=(), host: Host | None = None, progress=None) -> RunResult:
+    host = host or boot()
+    return run_prompt(prepare(workflow, overrides), host=host, progress=progress)

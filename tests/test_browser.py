@@ -1,0 +1,247 @@
+"""The pack in a real browser: a real ComfyUI server (``main.py --cpu``) with the pack installed through
+a symlink in its ``custom_nodes/``, its real frontend in headless Chromium (Debian's ``chromium``,
+driven by Playwright; no browser is downloaded).
+
+- every example workflow loads in the frontend, which saves it back unchanged and queues exactly the
+  API prompt that ``d2f_host.workflow.to_api`` makes (the converter ``d2f run`` and the tests use);
+- the training workflow is found in the template browser (Extensions → diff2flow_bridge), loaded
+  from there, set to tiny CPU settings, queued with the Run button; the D2FTrain node's live loss
+  chart draws while it trains, the status line ends at "done", the flow patch shows its read-out,
+  and the run finishes with the LoRA written.
+
+Screenshots go to the test's tmp folder and, when set, to $D2F_SCREENSHOT_DIR. Skips, saying why,
+only when there is no host, no Chromium or no Playwright.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_host  # noqa: E402
+
+from d2f_host import examples, frontend  # noqa: E402
+from d2f_host import workflow as wf  # noqa: E402
+
+PACK_DIR = comfy_host.PACK_DIR
+WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
+NAMES = sorted(examples.EXAMPLES)
+TRAIN = "d2f_sd15_train_lora"
+
+# what the browser test changes on the loaded training workflow, through the widgets
+TINY_WIDGETS = {
+    "D2FTrain": {"steps": 6, "save_every": 3, "preview_every": 0, "training_dtype": "fp32", "rank": 4,
+                 "alpha": 4, "gradient_checkpointing": False},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+}
+
+
+def _missing() -> str | None:
+    location = comfy_host.find_host()
+    if not location:
+        return location.how
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        return ("the host's frontend (comfyui_frontend_package) is not installed in this Python: "
+                f"pip install it from {location.path}/requirements.txt")
+    if importlib.util.find_spec("playwright") is None:
+        return "the Python package 'playwright' is not installed (pip install playwright; no browser download needed)"
+    if frontend.chromium_path() is None:
+        return "no Chromium (apt-get install chromium)"
+    return None
+
+
+MISSING = _missing()
+if MISSING:
+    print(f"test_browser: SKIPPED — {MISSING}")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=MISSING or "")
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    target = os.environ.get("D2F_SCREENSHOT_DIR")
+    if target:
+        os.makedirs(target, exist_ok=True)
+        for p in folder.iterdir():
+            shutil.copy(p, os.path.join(target, p.name))
+
+
+def _png(path, rgb, size=64):
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    Image.fromarray(np.stack([(xx * 4 + rgb[0]) % 256, (yy * 4 + rgb[1]) % 256, np.full_like(xx, rgb[2])],
+                             -1).astype("uint8")).save(path)
+
+
+@pytest.fixture(scope="module")
+def server(host, tmp_path_factory):
+    """ComfyUI on a free loopback port, base directory in tmp, the pack symlinked into its
+    custom_nodes/, a tiny SD1.5 checkpoint and the training folder under the names the workflows use."""
+    base = tmp_path_factory.mktemp("comfyui_base")
+    srv = frontend.ComfyServer(host.path, str(base), PACK_DIR, startup_timeout=180).prepare()
+    ckpt = os.path.join(srv.models_dir, "checkpoints", examples.SD15_CKPT)
+    written = os.path.join(host.checkpoint_dir, examples.SD15_CKPT)  # test_workflows' copy, if it ran
+    if os.path.exists(written):
+        os.symlink(written, ckpt)
+    else:
+        unet = comfy_host.tiny_unet_state_dict(comfy_host.SD15_UNET_CONFIG, "SD15", seed=0)
+        comfy_host.write_sd15_checkpoint(ckpt, unet)
+    data = os.path.join(srv.input_dir, examples.TRAIN_FOLDER)
+    os.makedirs(data, exist_ok=True)
+    for i, (rgb, caption) in enumerate((((200, 40, 40), "a red pattern"), ((30, 160, 60), "a green pattern"))):
+        _png(os.path.join(data, f"img{i}.png"), rgb)
+        with open(os.path.join(data, f"img{i}.txt"), "w") as f:
+            f.write(caption)
+    _png(os.path.join(srv.input_dir, examples.IMG2IMG_IMAGE), (40, 90, 160))
+    srv.start()
+    try:
+        srv.quiet_ui()  # no template browser popping up by itself, no minimap over the nodes
+        yield srv
+    finally:
+        srv.stop()
+        print(f"\nComfyUI server log (tail):\n{srv.log_tail(15)}")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with frontend.browser(viewport=(1600, 1100)) as page:
+        frontend.open_app(page, server.url)
+        yield page
+        errors = [m for m in page.console_log if m.startswith("pageerror") or ("d2f" in m and "error" in m)]
+        assert not errors, errors
+
+
+def _find_d2f_errors(page):
+    return [m for m in page.console_log if "pageerror" in m or ("d2f.js" in m and m.startswith("error"))]
+
+
+def test_extension_is_registered_once(server, page):
+    urls = [u for u in server.get_json("/extensions") if "d2f.js" in u]
+    assert urls, "the server does not list web/d2f.js"
+    count = page.evaluate("() => window.app.extensions.filter(e => e.name === 'diff2flow.bridge').length")
+    assert count == 1, f"extension registered {count} times (served as {urls})"
+
+
+def test_frontend_loads_saves_and_queues_every_workflow_as_the_converter_does(server, page):
+    defs = server.get_json("/object_info", timeout=60)
+    for name in NAMES:
+        data = wf.load(os.path.join(WORKFLOW_DIR, f"{name}.json"))
+        saved = frontend.load_and_serialize(page, data, name)
+        assert saved["output"] == wf.to_api(data, defs), f"{name}: the frontend queues a different prompt"
+        assert saved["workflow"]["links"] == data["links"], f"{name}: links changed on load/save"
+        before = {n["id"]: n.get("widgets_values") for n in data["nodes"]}
+        after = {n["id"]: n.get("widgets_values") for n in saved["workflow"]["nodes"]}
+        assert after == before, f"{name}: widget values changed on load/save"
+    assert not _find_d2f_errors(page)
+
+
+def _set_widgets_js():
+    return """
+    (settings) => {
+      const g = window.app.rootGraph || window.app.graph;
+      const done = [];
+      for (const node of g._nodes) {
+        const want = settings[node.type];
+        if (!want) continue;
+        for (const [name, value] of Object.entries(want)) {
+          const w = (node.widgets || []).find(w => w.name === name);
+          if (!w) throw new Error(`${node.type} has no widget ${name}`);
+          w.value = value;
+          w.callback?.(value);
+          done.push(`${node.type}.${name}`);
+        }
+      }
+      window.app.canvas.setDirty(true, true);
+      return done;
+    }
+    """
+
+
+def _history_status(server, before: set):
+    hist = server.get_json("/history")
+    new = {k: v for k, v in hist.items() if k not in before}
+    return next(iter(new.values()), None)
+
+
+def test_training_workflow_from_template_browser_draws_live_loss_chart(server, page, shots):
+    t0 = time.monotonic()
+    # the template browser lists the pack's workflows under Extensions → diff2flow_bridge
+    page.locator(".templates-tab-button").click()
+    page.get_by_text("diff2flow_bridge", exact=True).click()
+    cards = page.locator("[data-testid^='template-workflow-d2f_']")
+    cards.first.wait_for(timeout=30_000)
+    listed = sorted(page.evaluate("() => Array.from(document.querySelectorAll(\"[data-testid^='template-workflow-d2f_']\"))"
+                                  ".map(e => e.getAttribute('data-testid').slice('template-workflow-'.length))"))
+    assert listed == NAMES, listed
+    page.wait_for_timeout(800)  # thumbnails
+    page.screenshot(path=str(shots / "01_template_browser.png"))
+
+    page.locator(f"[data-testid='template-workflow-{TRAIN}']").click()
+    page.wait_for_function("() => (window.app.rootGraph || window.app.graph)._nodes.some(n => n.type === 'D2FTrain')",
+                           timeout=30_000)
+    page.wait_for_timeout(500)
+    frontend.close_dialogs(page)
+    types = page.evaluate("() => (window.app.rootGraph || window.app.graph)._nodes.map(n => n.type)")
+    for needed in ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset", "D2FTrain", "SaveLoRA", "LossGraphNode",
+                   "KSampler", "D2FFlowPatch", "Note"):
+        assert needed in types, f"the template loaded without {needed}: {types}"
+    changed = page.evaluate(_set_widgets_js(), TINY_WIDGETS)
+    assert len(changed) == sum(len(v) for v in TINY_WIDGETS.values()), changed
+    frontend.frame(page)
+    page.screenshot(path=str(shots / "02_training_workflow_loaded.png"))
+    assert page.locator(".d2f-loss-chart").count() == 1, "no loss chart on the D2FTrain node"
+
+    before = set(server.get_json("/history"))
+    page.get_by_role("button", name="Run", exact=True).first.click()
+
+    # the chart draws while training runs
+    chart = page.locator(".d2f-loss-chart")
+    page.wait_for_function("() => { const c = document.querySelector('.d2f-loss-chart'); "
+                           "return c && Number(c.dataset.points || 0) >= 2; }", timeout=240_000)
+    frontend.frame(page, ["D2FTrain", "MakeTrainingDataset", "SaveLoRA", "LossGraphNode", "D2FFlowPatch"])
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(shots / "03_training_live_chart.png"))
+    status = page.locator(".d2f-train-status").inner_text()
+    assert "step" in status and "/6" in status, status
+    assert int(chart.get_attribute("data-points")) >= 2
+
+    # ... and the run finishes
+    deadline = time.monotonic() + 300
+    entry = None
+    while time.monotonic() < deadline:
+        entry = _history_status(server, before)
+        if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+            break
+        time.sleep(1.0)
+    assert entry, f"the prompt did not finish; server log:\n{server.log_tail(40)}"
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+    page.wait_for_function("() => document.querySelector('.d2f-train-panel')?.dataset.status === 'done'", timeout=30_000)
+    page.wait_for_function("() => !!document.querySelector('.d2f-patch-readout')", timeout=30_000)
+    page.wait_for_timeout(800)
+    frontend.frame(page)
+    page.screenshot(path=str(shots / "04_training_done.png"))
+    frontend.frame(page, ["D2FTrain", "D2FFlowPatch", "MakeTrainingDataset", "LoadImageTextDataSetFromFolder"])
+    page.screenshot(path=str(shots / "05_chart_and_patch_readout.png"))
+
+    status = page.locator(".d2f-train-status").inner_text()
+    assert status.startswith("done") and "step 6/6" in status and "saved" in status, status
+    assert int(chart.get_attribute("data-points")) == 6
+    readout = page.locator(".d2f-patch-readout").inner_text()
+    assert "ε-prediction" in readout and "0.9360" in readout, readout
+    loras = os.listdir(os.path.join(server.output_dir, "loras"))
+    assert any(f.startswith("d2f_sd15_lora") and f.endswith(".safetensors") for f in loras), loras
+    outputs = entry.get("outputs", {})
+    assert any(img.get("type") == "output" for out in outputs.values() for img in out.get("images", [])), outputs
+    assert not _find_d2f_errors(page)
+    print(f"browser training test: {time.monotonic() - t0:.1f} s; screenshots in {shots}")

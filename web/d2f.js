@@ -1,0 +1,287 @@
+// Diff2Flow Bridge — frontend extension (plain ES module, no build step).
+//
+// * D2FTrain: a live loss chart and a status line (step/total, samples/s, ETA, last save), fed by the
+//   server's `d2f.train` messages (kinds start / progress / saved / done), matched to the node by id.
+// * D2FFlowPatch: after the node ran, a read-out of what the patch did (prediction type, σ range),
+//   from the node's UI output `d2f_flow_patch`.
+//
+// Neither widget is saved in the workflow (serialize: false), so widgets_values stay exactly what the
+// node definition prescribes.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXTENSION = "diff2flow.bridge";
+const CHART_HEIGHT = 170;
+const READOUT_HEIGHT = 58;
+
+// ComfyUI serves this folder twice (once per name the pack declares: WEB_DIRECTORY and
+// pyproject [tool.comfy] web), so this module can be evaluated twice. Register once.
+const already = window.__d2fBridge || (app.extensions || []).some((e) => e.name === EXTENSION);
+
+// --------------------------------------------------------------------------------------------
+// state of each training node, kept by node id (string), survives graph reloads
+// --------------------------------------------------------------------------------------------
+const runs = new Map();
+
+function runFor(nodeId) {
+  const key = String(nodeId);
+  if (!runs.has(key)) {
+    runs.set(key, { losses: [], startStep: 0, step: 0, total: 0, sps: null, eta: null, lastSave: null, status: "idle" });
+  }
+  return runs.get(key);
+}
+
+function fmtSeconds(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  const mm = String(m).padStart(h ? 2 : 1, "0"), ss = String(sec).padStart(2, "0");
+  return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
+}
+
+function baseName(path) {
+  if (!path) return "";
+  const parts = String(path).split(/[\\/]/);
+  return parts[parts.length - 1];
+}
+
+function statusText(run) {
+  if (run.status === "idle") return "Diff2Flow: queue the workflow to train; the loss is drawn here.";
+  const parts = [`step ${run.step}/${run.total}`];
+  if (run.sps) parts.push(`${run.sps.toFixed(2)} samples/s`);
+  if (run.status === "running") parts.push(`ETA ${fmtSeconds(run.eta)}`);
+  if (run.losses.length) parts.push(`loss ${run.losses[run.losses.length - 1].toPrecision(4)}`);
+  if (run.lastSave) parts.push(`saved ${baseName(run.lastSave)}`);
+  if (run.status !== "running") parts.unshift(run.status === "done" ? "done" : run.status);
+  return parts.join(" · ");
+}
+
+// --------------------------------------------------------------------------------------------
+// the chart
+// --------------------------------------------------------------------------------------------
+function drawChart(canvas, run) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(120, canvas.clientWidth || 300), h = Math.max(60, canvas.clientHeight || CHART_HEIGHT - 30);
+  if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
+    canvas.width = Math.round(w * dpr);
+    canvas.height = Math.round(h * dpr);
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.fillStyle = "#1b1b1f";
+  ctx.fillRect(0, 0, w, h);
+  const pad = { l: 44, r: 8, t: 8, b: 16 };
+  const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
+  ctx.strokeStyle = "#444";
+  ctx.lineWidth = 1;
+  ctx.strokeRect(pad.l + 0.5, pad.t + 0.5, pw, ph);
+  ctx.font = "10px sans-serif";
+  ctx.fillStyle = "#999";
+  const losses = run.losses.filter((v) => isFinite(v));
+  canvas.dataset.points = String(losses.length);
+  if (!losses.length) {
+    ctx.fillText("loss", pad.l + 6, pad.t + 14);
+    return;
+  }
+  let lo = Math.min(...losses), hi = Math.max(...losses);
+  if (hi - lo < 1e-12) { hi += 1e-6; lo -= 1e-6; }
+  const n = losses.length;
+  const totalSteps = Math.max(run.total - run.startStep, n, 2);
+  const x = (i) => pad.l + (pw * i) / Math.max(totalSteps - 1, 1);
+  const y = (v) => pad.t + ph - (ph * (v - lo)) / (hi - lo);
+  ctx.textAlign = "right";
+  ctx.fillText(hi.toPrecision(3), pad.l - 4, pad.t + 8);
+  ctx.fillText(lo.toPrecision(3), pad.l - 4, pad.t + ph);
+  ctx.textAlign = "left";
+  ctx.fillText(`step ${run.startStep}`, pad.l, h - 3);
+  ctx.textAlign = "right";
+  ctx.fillText(`${run.total}`, pad.l + pw, h - 3);
+  ctx.textAlign = "left";
+  // raw losses
+  ctx.strokeStyle = "rgba(110,160,255,0.45)";
+  ctx.beginPath();
+  losses.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
+  if (n === 1) ctx.arc(x(0), y(losses[0]), 2, 0, 2 * Math.PI);
+  ctx.stroke();
+  // exponential moving average
+  const beta = n > 20 ? 0.9 : 0.6;
+  let ema = losses[0];
+  ctx.strokeStyle = "#ffb347";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  losses.forEach((v, i) => {
+    ema = i ? beta * ema + (1 - beta) * v : v;
+    i ? ctx.lineTo(x(i), y(ema)) : ctx.moveTo(x(i), y(ema));
+  });
+  ctx.stroke();
+}
+
+function makePanel(className) {
+  const root = document.createElement("div");
+  root.className = className;
+  root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;height:100%;box-sizing:border-box;" +
+    "font:11px sans-serif;color:#ccc;overflow:hidden;";
+  return root;
+}
+
+function addTrainingWidget(node) {
+  if (node.d2fChart) return;
+  const root = makePanel("d2f-train-panel");
+  const status = document.createElement("div");
+  status.className = "d2f-train-status";
+  status.style.cssText = "flex:0 0 auto;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;";
+  const canvas = document.createElement("canvas");
+  canvas.className = "d2f-loss-chart";
+  canvas.style.cssText = "flex:1 1 auto;min-height:60px;width:100%;border-radius:4px;display:block;";
+  root.append(status, canvas);
+  const widget = node.addDOMWidget("d2f_loss_chart", "d2f_loss_chart", root, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => CHART_HEIGHT,
+    getMaxHeight: () => CHART_HEIGHT,
+  });
+  widget.serialize = false;
+  node.d2fChart = { root, canvas, status, widget };
+  fitNode(node);
+  refreshNode(node);
+}
+
+// Grow (never shrink) a node to what its widgets need: a saved size may predate our widgets.
+function fitNode(node) {
+  const sz = node.computeSize?.();
+  if (sz && (node.size[0] < sz[0] || node.size[1] < sz[1])) {
+    node.setSize([Math.max(node.size[0], sz[0]), Math.max(node.size[1], sz[1])]);
+  }
+}
+
+function refreshNode(node) {
+  if (!node.d2fChart) return;
+  const run = runFor(node.id);
+  node.d2fChart.status.textContent = statusText(run);
+  node.d2fChart.root.dataset.status = run.status;
+  node.d2fChart.root.dataset.step = String(run.step);
+  drawChart(node.d2fChart.canvas, run);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function findNode(id) {
+  const graph = app.rootGraph || app.graph;
+  if (!graph) return null;
+  const key = String(id);
+  let node = graph.getNodeById?.(Number(key)) || graph.getNodeById?.(key);
+  if (!node && key.includes(":")) node = graph.getNodeById?.(Number(key.split(":").pop()));
+  return node && node.type === "D2FTrain" ? node : null;
+}
+
+function onTrainEvent(event) {
+  const d = event.detail || {};
+  if (d.node === undefined || d.node === null) return;
+  const run = runFor(d.node);
+  if (typeof d.total === "number") run.total = d.total;
+  if (typeof d.step === "number") run.step = d.step;
+  switch (d.kind) {
+    case "start":
+      run.losses = [];
+      run.startStep = d.step || 0;
+      run.sps = null;
+      run.eta = null;
+      run.lastSave = null;
+      run.status = "running";
+      break;
+    case "progress":
+      run.status = "running";
+      if (Array.isArray(d.losses)) run.losses.push(...d.losses.map(Number));
+      if (d.samples_per_second) run.sps = d.samples_per_second;
+      run.eta = d.eta_seconds;
+      if (d.last_save) run.lastSave = d.last_save;
+      break;
+    case "saved":
+      run.lastSave = d.path || run.lastSave;
+      break;
+    case "done":
+      run.status = d.status || "done";
+      run.eta = 0;
+      if (d.last_save) run.lastSave = d.last_save;
+      break;
+  }
+  const node = findNode(d.node);
+  if (node) {
+    addTrainingWidget(node);
+    refreshNode(node);
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// flow patch read-out
+// --------------------------------------------------------------------------------------------
+function readoutText(info) {
+  const pred = { eps: "ε-prediction", v_prediction: "v-prediction", x0: "x0-prediction" }[info.prediction] || info.prediction;
+  const how = info.requested === "auto" ? "detected" : "set";
+  const lines = [
+    `${pred} (${how}) → flow`,
+    `σ ${Number(info.sigma_max).toFixed(4)} → ${Number(info.sigma_min).toFixed(4)} (ς ${Number(info.base_sigma_max).toPrecision(4)} → ${Number(info.base_sigma_min).toPrecision(3)})`,
+  ];
+  if (info.label_offset) lines.push(`label offset ${info.label_offset}`);
+  return lines.join("\n");
+}
+
+function showPatchReadout(node, info) {
+  if (!node.d2fReadout) {
+    const el = document.createElement("div");
+    el.className = "d2f-patch-readout";
+    el.style.cssText = "white-space:pre;font:11px monospace;color:#9fd49f;padding:2px 4px;overflow:hidden;";
+    const widget = node.addDOMWidget("d2f_patch_readout", "d2f_patch_readout", el, {
+      serialize: false,
+      hideOnZoom: false,
+      getValue: () => "",
+      setValue: () => {},
+      getMinHeight: () => READOUT_HEIGHT,
+      getMaxHeight: () => READOUT_HEIGHT,
+    });
+    widget.serialize = false;
+    node.d2fReadout = el;
+  }
+  fitNode(node);
+  node.d2fReadout.textContent = readoutText(info);
+  node.d2fReadout.dataset.prediction = info.prediction;
+  node.setDirtyCanvas?.(true, true);
+}
+
+// --------------------------------------------------------------------------------------------
+if (!already) {
+  window.__d2fBridge = { runs, readoutText, statusText };
+  app.registerExtension({
+    name: EXTENSION,
+    async setup() {
+      api.addEventListener("d2f.train", onTrainEvent);
+    },
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+      if (nodeData.name === "D2FTrain") {
+        const created = nodeType.prototype.onNodeCreated;
+        nodeType.prototype.onNodeCreated = function () {
+          const r = created?.apply(this, arguments);
+          addTrainingWidget(this);
+          return r;
+        };
+      } else if (nodeData.name === "D2FFlowPatch") {
+        const executed = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (output) {
+          const r = executed?.apply(this, arguments);
+          const info = output?.d2f_flow_patch?.[0];
+          if (info) showPatchReadout(this, info);
+          return r;
+        };
+      }
+    },
+    async loadedGraphNode(node) {
+      if (node.type === "D2FTrain") {
+        fitNode(node);
+        refreshNode(node);
+      }
+    },
+  });
+}
