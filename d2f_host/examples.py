@@ -17,6 +17,7 @@ SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_VPRED_CKPT = "sdxl_vpred_checkpoint.safetensors"
 TRAIN_FOLDER = "d2f_train_example"
+REFLOW_NAME = "d2f_reflow_demo"
 IMG2IMG_IMAGE = "example.png"
 
 POSITIVE = "a photograph of a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed"
@@ -259,6 +260,66 @@ def sd15_train_lora(defs):
     return b.to_json()
 
 
+def sd15_reflow(defs):
+    b = WorkflowBuilder(defs)
+    ckpt_node = _common(b, SD15_CKPT)
+    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
+    b.link(ckpt_node, "MODEL", patch, "model")
+    pos, neg = _prompts(b, ckpt_node, 400, 250)
+    pairs = b.node("D2FReflowPairs", [880, 40], [330, 330], count=64, width=512, height=512, steps=25, cfg=7.0,
+                   seed=0, seed__control="fixed", batch_size=8, shift=1.0, name=REFLOW_NAME)
+    b.link(patch, "MODEL", pairs, "model")
+    b.link(pos, "CONDITIONING", pairs, "positive")
+    b.link(neg, "CONDITIONING", pairs, "negative")
+    train = b.node("D2FTrain", [1260, 40], [400, 720], mode="lora", steps=1000, batch_size=4, grad_accumulation=1,
+                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
+                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
+                   optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
+                   caption_dropout=0.0, seed=0, seed__control="fixed", save_every=250, preview_every=100,
+                   run_name="d2f_sd15_reflow", resume_from="")
+    b.link(patch, "MODEL", train, "model")
+    b.link(pairs, "couplings", train, "couplings")
+    save_lora = b.node("SaveLoRA", [1720, 40], [330, 110], prefix="loras/d2f_sd15_reflow", steps=0)
+    b.link(train, "lora", save_lora, "lora")
+    b.link(train, "steps", save_lora, "steps")
+    loss = b.node("LossGraphNode", [1720, 200], [330, 330], filename_prefix="d2f/reflow_loss_graph")
+    b.link(train, "loss", loss, "loss")
+    latent = b.node("EmptyLatentImage", [1720, 580], [330, 110], width=512, height=512, batch_size=1)
+    ks = b.node("KSampler", [2100, 40], [330, 270], seed=42, seed__control="fixed", steps=4, cfg=1.0,
+                sampler_name="euler", scheduler="simple", denoise=1.0)
+    for src, out, name in ((train, "model", "model"), (pos, "CONDITIONING", "positive"),
+                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
+        b.link(src, out, ks, name)
+    dec = b.node("VAEDecode", [2100, 360], [210, 50])
+    b.link(ks, "LATENT", dec, "samples")
+    b.link(ckpt_node, "VAE", dec, "vae")
+    save = b.node("SaveImage", [2480, 40], [420, 470], filename_prefix="d2f/sd15_reflow_4steps")
+    b.link(dec, "IMAGE", save, "images")
+    b.note(
+        "Diff2Flow — Reflow: straight paths, 4-step sampling (SD1.5)\n\n"
+        f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
+        "2. Positive prompt: what the pairs (and so the reflowed model) should show; the negative is used "
+        "for CFG while the pairs are made.\n\n"
+        "3. Diff2Flow Reflow Pairs: for each seeded noise ε it solves the model's own ODE (25 Euler steps, "
+        f"CFG 7) to its image x̂0 and stores (ε, x̂0, prompt) in output/d2f_couplings/{REFLOW_NAME}. count = "
+        "64 is a demo; a few hundred to a few thousand pairs give a model that generalises. Chunks are "
+        "saved as they are made: stop and run again with the same inputs to continue, or raise count to "
+        "add pairs. Change the name when you change model, prompt, steps or CFG.\n\n"
+        "4. Diff2Flow Train (couplings connected, latents/positive left empty) trains on the straight line "
+        "x = (1-σ)·x̂0 + σ·ε with target ε - x̂0. Why: the ODE's curved paths are what need 20+ steps; "
+        "Reflow makes them straight, so 2–4 Euler steps land where the full ODE lands. bf16 needs a GPU; "
+        "on CPU use training_dtype fp32.\n\n"
+        "5. KSampler: 4 steps euler + simple on the trained model. CFG 1: the pairs were made with CFG 7, "
+        "so the guidance is already in what the model learned. Save LoRA writes loras/d2f_sd15_reflow…; "
+        "Plot Loss Graph saves the loss curve.",
+        [0, 220], [360, 640], title="Read me: what to set, and why")
+    b.group("Model", [-10, -10, 750, 180])
+    b.group("Reflow pairs", [870, -10, 350, 400])
+    b.group("Train", [1250, -10, 420, 1060])
+    b.group("Save and sample (4 steps)", [1710, -10, 1200, 720])
+    return b.to_json()
+
+
 EXAMPLES = {
     # name: (builder, {model folder: [file names the workflow names]}, {input files/folders it names})
     "d2f_sd15_txt2img": (sd15_txt2img, {"checkpoints": [SD15_CKPT]}, {}),
@@ -267,6 +328,7 @@ EXAMPLES = {
     "d2f_sdxl_vpred_txt2img": (sdxl_vpred, {"checkpoints": [SDXL_VPRED_CKPT]}, {}),
     "d2f_sd15_img2img": (sd15_img2img, {"checkpoints": [SD15_CKPT]}, {"image": IMG2IMG_IMAGE}),
     "d2f_sd15_train_lora": (sd15_train_lora, {"checkpoints": [SD15_CKPT]}, {"folder": TRAIN_FOLDER}),
+    "d2f_sd15_reflow": (sd15_reflow, {"checkpoints": [SD15_CKPT]}, {}),
 }
 
 

@@ -7,7 +7,8 @@
 - every file runs end to end on CPU, converted to API format the way the frontend does
   (``d2f_host.workflow.to_api``), through the host's own ``execution.validate_prompt`` and
   ``execution.PromptExecutor``, against tiny checkpoints written under the names the workflows use
-  (the training workflow with a folder of 2 tiny captioned images);
+  (the training workflow with a folder of 2 tiny captioned images, the Reflow workflow making and
+  training on 2 tiny pairs);
 - ``d2f run`` runs the txt2img workflow in a separate process.
 
 Sizes are shrunk for CPU with overrides (64×64, 2 steps), the graphs themselves are run as saved.
@@ -46,7 +47,9 @@ EXTRA = {"d2f_sdxl_vpred_txt2img": [("CheckpointLoaderSimple", "ckpt_name", exam
 TINY = [("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64), ("KSampler", "steps", 2),
         ("D2FFlowScheduler", "steps", 2), ("D2FTrain", "steps", 2), ("D2FTrain", "training_dtype", "fp32"),
         ("D2FTrain", "rank", 4), ("D2FTrain", "alpha", 4.0), ("D2FTrain", "save_every", 2),
-        ("D2FTrain", "preview_every", 0), ("D2FTrain", "gradient_checkpointing", False)]
+        ("D2FTrain", "preview_every", 0), ("D2FTrain", "gradient_checkpointing", False), ("D2FTrain", "batch_size", 1),
+        ("D2FReflowPairs", "count", 2), ("D2FReflowPairs", "steps", 2), ("D2FReflowPairs", "batch_size", 2),
+        ("D2FReflowPairs", "width", 64), ("D2FReflowPairs", "height", 64)]
 
 
 def tiny_overrides(prompt: dict) -> list:
@@ -311,7 +314,8 @@ def test_workflow_executes_end_to_end(name, d2f, defs, example_files):
     if "sd15" in name:
         assert abs(readouts[0]["sigma_max"] - 0.935958) < 1e-4, readouts[0]
 
-    if name == "d2f_sd15_train_lora":
+    if name in ("d2f_sd15_train_lora", "d2f_sd15_reflow"):
+        run_name = "d2f_sd15_lora" if name == "d2f_sd15_train_lora" else "d2f_sd15_reflow"
         events = result.events("d2f.train")
         kinds = [e["kind"] for e in events]
         assert kinds[0] == "start" and kinds[-1] == "done" and "progress" in kinds and "saved" in kinds, kinds
@@ -319,11 +323,30 @@ def test_workflow_executes_end_to_end(name, d2f, defs, example_files):
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
         progress = [e for e in events if e["kind"] == "progress"]
         assert all(k in progress[-1] for k in ("step", "total", "samples_per_second", "eta_seconds", "last_save"))
-        loras = [f for f in result.files if f.endswith(".safetensors") and "d2f_sd15_lora" in f]
+        loras = [f for f in result.files if f.endswith(".safetensors") and run_name in f]
         assert any(os.sep + "loras" + os.sep in f for f in loras), result.files
         assert any(i["type"] == "temp" for i in images), "Plot Loss Graph showed no graph"
         train_id = next(k for k, e in prompt.items() if e["class_type"] == "D2FTrain")
         assert all(str(e["node"]) == train_id for e in events)
+
+    if name == "d2f_sd15_reflow":
+        # the pairs were made (2 of them, in output/d2f_couplings/<name>) and fed to D2FTrain's couplings input;
+        # the sample comes from the trained model at 4 euler steps
+        import folder_paths
+
+        from d2f_core.couplings import load_couplings
+
+        pairs_id, pairs = next((k, e) for k, e in prompt.items() if e["class_type"] == "D2FReflowPairs")
+        train = next(e for e in prompt.values() if e["class_type"] == "D2FTrain")
+        assert train["inputs"]["couplings"] == [pairs_id, 0]
+        assert "latents" not in train["inputs"] and "positive" not in train["inputs"]
+        folder = os.path.join(folder_paths.get_output_directory(), "d2f_couplings", pairs["inputs"]["name"])
+        assert any(f.startswith(folder + os.sep) for f in result.files), result.files
+        couplings = load_couplings(folder)
+        assert len(couplings) == 2
+        saved_ks = wf.to_api(wf.load(path_of(name)), defs)[next(k for k, e in prompt.items() if e["class_type"] == "KSampler")]
+        assert (saved_ks["inputs"]["steps"], saved_ks["inputs"]["sampler_name"]) == (4, "euler")
+        assert saved_ks["inputs"]["model"] == [next(k for k, e in prompt.items() if e["class_type"] == "D2FTrain"), 0]
 
 
 # ---------------------------------------------------------------------------------------------
