@@ -2,7 +2,8 @@
 
 Subcommands:
   demo   train two tiny ε / v UNets on the bundled digits on CPU, show that native DDIM and the
-         zero-shot flow Euler sampler give the same samples, and print a few-step quality table.
+         zero-shot flow Euler sampler give the same samples, fine-tune them (Diff2Flow, + scheduled
+         sampling, + Reflow) and print a few-step quality table.
 
 Each subcommand is an ``(add_arguments, handler(args, parser), help)`` entry in ``COMMANDS``; a future
 ``run`` (training / sampling from a config) registers the same way.
@@ -33,7 +34,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
                         f"{','.join(map(str, d.sample_steps))})")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch CPU threads (default {d.threads}, --quick: {DemoConfig.quick().threads}; 0 = torch's choice)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): for tests, not for judging quality")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): for tests, not for judging quality")
+    size.add_argument("--full", action="store_true",
+                      help=f"a longer run: {DemoConfig.full().steps_train} native steps, "
+                           f"{DemoConfig.full().finetune_steps} fine-tune steps, {DemoConfig.full().reflow_pairs} "
+                           f"Reflow pairs, {DemoConfig.full().n_samples} samples per cell (tens of minutes on 2 cores)")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="skip the fine-tuned rows (Diff2Flow fine-tune, + scheduled sampling, + Reflow)")
 
 
 def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -44,6 +52,8 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["threads"] = args.threads
     if args.steps_train is not None:
         overrides["steps_train"] = args.steps_train
+    if args.no_finetune:
+        overrides["finetune"] = False
     if args.samples is not None:
         overrides["n_samples"] = args.samples
     if args.sample_steps:
@@ -51,7 +61,8 @@ def _run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser):
             overrides["sample_steps"] = tuple(int(s) for s in args.sample_steps.split(",") if s.strip())
         except ValueError:
             parser.error(f"--sample-steps wants comma-separated integers, got '{args.sample_steps}'")
-    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    make = DemoConfig.quick if args.quick else DemoConfig.full if args.full else DemoConfig
+    cfg = make(**overrides)
     try:
         cfg.validate()
     except ValueError as e:  # a bad flag is a usage error (exit 2), not a traceback
@@ -78,7 +89,8 @@ def _run_workflow(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 COMMANDS = {
     "demo": (_add_demo_arguments, _run_demo,
-             "train tiny ε/v UNets on the bundled digits (CPU, ~2.5 min) and compare DDIM with the flow bridge"),
+             "train tiny ε/v UNets on the bundled digits (CPU, a few minutes), compare DDIM with the flow bridge "
+             "and with Diff2Flow / scheduled-sampling / Reflow fine-tunes"),
     "run": (_add_run_arguments, _run_workflow,
             "execute a ComfyUI workflow JSON headlessly against a ComfyUI install (--comfyui, $COMFYUI_PATH, ~/ComfyUI)"),
 }

@@ -20,12 +20,24 @@
    start), x_VP = x_VE/sqrt(1+ς_0²) = ε (DDIM's usual x_T), x_flow = (1-σ_0)·x_VE = D(σ_0)·ε
    (``bridge.start_state`` with max_denoise). DESIGN §2 says the two runs are the same computation, so the
    final samples must agree to float32 error; the demo prints the max |Δ| per model and step count.
-4. A few-step quality table: Fréchet distance between generated samples and held-out real digits in a
+4. Fine-tunes of each native model through ``d2f_core.training.Trainer`` (batch ``batch_size``, cosine LR),
+   each sampled with flow Euler on the same grids and noise:
+
+   * **Diff2Flow fine-tune**: ``objective="diff2flow"``, ‖v̂ - (ε - x0)‖² on the training digits;
+   * **+ scheduled sampling**: the same fine-tune (same steps, seed and batches) with
+     ``TrainConfig.scheduled_sampling`` on: with probability p (linear ramp) the state is where the model's
+     own Euler lands after starting up to ``ss_max_offset`` solver steps noisier;
+   * **+ Reflow**: the Diff2Flow fine-tune generates ``reflow_pairs`` couplings with its own flow Euler ODE
+     (``reflow_solver_steps`` steps), then is trained on them (``LatentBuckets([(x̂0, [{}], ε')])``: the
+     Trainer uses the stored noise). The sampler starts at σ_0 = σ_max < 1 from D(σ_0)·ε, so the straight
+     path through the start state and x̂0 is x = (1-σ)·x̂0 + σ·ε' with ε' = (D(σ_0)·ε - (1-σ_0)·x̂0)/σ_0
+     (≈ ε; training on ε itself is measurably worse at every step count, see ``reflow_couplings``).
+
+5. A few-step quality table: Fréchet distance between generated samples and held-out real digits in a
    fixed feature space, the top-k principal components of the *training* digits' pixels (so the
-   space never sees a generated sample). FD = ‖μ_g - μ_r‖² + tr(C_g + C_r - 2·(C_g^½ C_r C_g^½)^½).
-   Rows are (model, sampler) pairs, columns step counts; new rows (fine-tuned, Reflow) are new
-   entries in the ``variants`` or ``SAMPLERS`` lists.
-5. A PNG grid, one labelled row per (model, sampler, steps), the same noise in every column.
+   space never sees a generated sample); ``d2f_core.metrics``. Also in results.json: the same distance in
+   a fixed random-conv feature space. Rows are (model, method), columns step counts.
+6. A PNG grid, one labelled row per (model, method, steps), the same noise in every column.
 """
 
 from __future__ import annotations
@@ -40,14 +52,18 @@ from pathlib import Path
 
 import torch
 
-from .bridge import FlowBridge, flow_sigma
+from .bridge import FlowBridge, flow_sigma, vp_scale
+from .data import LatentBuckets
 from .datasets import digits_tensor, split_indices
 from .losses import training_loss
+from .metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance  # noqa: F401  (re-exported)
 from .png import image_grid, to_uint8, write_png
 from .progress import ProgressBar
 from .samplers import sample_ddim, sample_euler_flow
 from .schedule import DiscreteSchedule
+from .scheduled_sampling import ScheduledSampling
 from .tiny_unet import TinyUNet, count_parameters
+from .training import TrainConfig, Trainer
 
 QUALITY_STEPS = (1, 2, 4, 8, 25, 50)
 PREDICTIONS = (("eps", "eps"), ("v", "v_prediction"))  # (short name, FlowBridge prediction)
@@ -55,7 +71,7 @@ PREDICTIONS = (("eps", "eps"), ("v", "v_prediction"))  # (short name, FlowBridge
 
 @dataclass
 class DemoConfig:
-    """Every knob of the demo; defaults are the measured ~2.5-minute run on 2 CPU cores."""
+    """Every knob of the demo; defaults are the measured few-minute run on 2 CPU cores (README)."""
 
     steps_train: int = 1000
     batch_size: int = 64
@@ -72,6 +88,16 @@ class DemoConfig:
     n_check64: int = 16                # samples re-run in float64 for the exactness check
     seed: int = 0
     threads: int = 2
+    # Fine-tune rows (module docstring, step 4); finetune=False leaves the demo as native vs zero-shot only.
+    finetune: bool = True
+    finetune_steps: int = 100          # Trainer steps of the Diff2Flow fine-tune (and of the +SS one)
+    finetune_lr: float = 5e-4          # peak LR, cosine to 0
+    ss_probability: float = 0.5        # scheduled sampling: peak rollout probability (linear ramp from 0)
+    ss_max_offset: int = 2             # ... rollout length k ~ U{1..k_max} solver steps (of 25 on [σ_min, σ_max])
+    reflow_pairs: int = 384            # self-generated couplings (ε', x̂0)
+    reflow_solver_steps: int = 25      # flow Euler steps that generate them
+    reflow_steps: int = 150            # Trainer steps on the couplings, from the Diff2Flow fine-tune
+    reflow_lr: float = 5e-4
 
     def validate(self) -> "DemoConfig":
         """Raise ValueError with a user-facing message for settings the demo cannot run with."""
@@ -85,6 +111,10 @@ class DemoConfig:
             raise ValueError("samples must be at least 2 (the Frechet distance needs a covariance)")
         if not self.sample_steps or min(self.sample_steps) < 1:
             raise ValueError(f"sample steps must be positive integers, got {self.sample_steps}")
+        if self.finetune and min(self.finetune_steps, self.reflow_steps, self.reflow_solver_steps) < 1:
+            raise ValueError("finetune_steps, reflow_steps and reflow_solver_steps must be at least 1")
+        if self.finetune and self.reflow_pairs < 2:
+            raise ValueError("reflow_pairs must be at least 2")
         return self
 
     @classmethod
@@ -93,8 +123,16 @@ class DemoConfig:
 
         One thread: on a busy machine (parallel test runners) two OpenMP threads that spin-wait on each
         other ran this 4-5× slower than one (49 s vs 11 s measured); idle, one costs ~2 s more."""
-        base = cls(steps_train=40, batch_size=32, warmup=5, n_samples=64, sample_steps=(1, 2, 4, 8), pca_dim=8,
-                   grid_columns=8, threads=1)
+        base = cls(steps_train=40, batch_size=32, warmup=5, n_samples=48, sample_steps=(1, 2, 4, 8), pca_dim=8,
+                   grid_columns=8, n_check64=8, threads=1, finetune_steps=5, reflow_pairs=16, reflow_solver_steps=2,
+                   reflow_steps=5)
+        return replace(base, **overrides)
+
+    @classmethod
+    def full(cls, **overrides) -> "DemoConfig":
+        """A longer run (roughly 4× the default's training; tens of minutes on 2 cores) for better-trained
+        models and lower-variance Fréchet numbers."""
+        base = cls(steps_train=3000, n_samples=512, finetune_steps=600, reflow_pairs=2048, reflow_steps=1000)
         return replace(base, **overrides)
 
 
@@ -206,43 +244,108 @@ def sample_flow_euler(net, bridge: FlowBridge, noise: torch.Tensor, labels: list
 
 
 NATIVE, FLOW = "native DDIM", "flow Euler 0-shot"
-# (table name, grid tag, sampler): the tables and the grid iterate over this; e.g. a Reflow sampler goes here.
+# (table name, grid tag, sampler): how each native model is sampled; fine-tuned rows are FINETUNE_ROWS below.
 SAMPLERS = ((NATIVE, "DDIM", sample_native_ddim), (FLOW, "FLOW", sample_flow_euler))
 
 
-# --- metric ----------------------------------------------------------------------------------------
-class PixelPCAFrechet:
-    """Fréchet distance between Gaussians fitted to k-dim features f = (x - μ_train)·V_k, where V_k
-    are the top-k principal directions of the training digits' pixels (float64 throughout)."""
-
-    def __init__(self, real_train: torch.Tensor, k: int):
-        flat = real_train.flatten(1).double()
-        self.mean = flat.mean(0)
-        cov = torch.cov((flat - self.mean).T)
-        evals, evecs = torch.linalg.eigh(cov)
-        self.k = min(k, flat.shape[1])
-        self.basis = evecs[:, -self.k:].flip(1)
-        self.explained = float(evals[-self.k:].sum() / evals.sum())
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(1).double().clamp(-1, 1) - self.mean) @ self.basis
-
-    def distance(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        return frechet_distance(self.features(a), self.features(b))
+# Rows of the tables made by fine-tuning, each sampled with flow Euler: (table name, grid tag).
+FT_D2F, FT_SS, FT_REFLOW = "Diff2Flow fine-tune", "+ scheduled sampling", "+ Reflow"
+FINETUNE_ROWS = ((FT_D2F, "D2F"), (FT_SS, "SS"), (FT_REFLOW, "RF"))
+FLOW_EULER = "flow Euler"
+REFLOW_RAW = "+ Reflow, ε coupling"  # ablation (bench only): couplings (x̂0, ε) instead of (x̂0, ε')
 
 
-def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
-    evals, evecs = torch.linalg.eigh((m + m.T) / 2)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+# --- fine-tuning through the training engine -------------------------------------------------------
+def unconditional_data(x0: torch.Tensor, noise: torch.Tensor | None = None) -> LatentBuckets:
+    """One bucket for an unconditional net: every image gets the empty conditioning dict (the Trainer
+    then calls ``net(x_in, label)`` with no keyword), and with ``noise`` it is a Reflow coupling set."""
+    return LatentBuckets([(x0, [{}]) if noise is None else (x0, [{}], noise)])
 
 
-def frechet_distance(fa: torch.Tensor, fb: torch.Tensor) -> float:
-    """‖μ_a - μ_b‖² + tr(C_a + C_b - 2·(C_a^½ C_b C_a^½)^½), all symmetric eigendecompositions."""
-    mu_a, mu_b = fa.mean(0), fb.mean(0)
-    ca, cb = torch.cov(fa.T), torch.cov(fb.T)
-    ra = _sqrtm_psd(ca)
-    cross = torch.linalg.eigvalsh(ra @ cb @ ra).clamp_min(0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + ca.trace() + cb.trace() - 2 * cross)
+def finetune(net, bridge: FlowBridge, data: LatentBuckets, config: TrainConfig, desc: str,
+             on_eval=None, eval_every: int = 0) -> tuple[TinyUNet, dict]:
+    """Train a copy of ``net`` with ``d2f_core.training.Trainer``; returns (the trained copy, stats).
+
+    ``on_eval(step, net)`` runs every ``eval_every`` steps (the Trainer's preview hook) on the net being
+    trained: sample from it there, under no_grad, and leave its weights alone.
+    """
+    net = copy.deepcopy(net).train().requires_grad_(True)
+    trainer = Trainer(net, bridge, list(net.parameters()), data, config)
+    with ProgressBar(config.steps, desc) as bar:
+        def progress(step, losses, _rate):
+            bar.update(len(losses), loss=sum(losses) / len(losses))
+        result = trainer.run(on_progress=progress, preview_every=eval_every if on_eval else 0,
+                             on_preview=(lambda step: on_eval(step, net)) if on_eval else None)
+    net.eval().requires_grad_(False)
+    tail = result.losses[-max(1, len(result.losses) // 10):]
+    return net, {"seconds": result.seconds, "steps": result.step, "first_loss": result.losses[0],
+                 "final_loss": sum(tail) / len(tail)}
+
+
+def finetune_config(cfg: DemoConfig, seed: int, **overrides) -> TrainConfig:
+    """The Trainer settings of the demo's Diff2Flow fine-tune (cosine LR from ``finetune_lr``, batch
+    ``batch_size``, gradient clipping at 1, uniform flow time on [σ_min, σ_max])."""
+    base = TrainConfig(steps=cfg.finetune_steps, batch_size=cfg.batch_size, learning_rate=cfg.finetune_lr,
+                       lr_schedule="cosine", objective="diff2flow", seed=seed, sync_every=25)
+    return replace(base, **overrides)
+
+
+@torch.no_grad()
+def reflow_couplings(net, bridge: FlowBridge, noise: torch.Tensor, solver_steps: int,
+                     batch: int = 256, through_start: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflow couplings from the model's own flow ODE: (x̂0, ε') for each noise ε.
+
+    x̂0 = flow Euler over ``simple_labels(solver_steps)`` from the full-denoise start D(σ_0)·ε, as every
+    sampler here starts. σ_0 = σ_max < 1 (the SD schedule has nonzero terminal SNR), so that start is not
+    the interpolant (1-σ_0)·x̂0 + σ_0·ε; the straight path through the actual start state and x̂0 is
+
+        x(σ) = (1-σ)·x̂0 + σ·ε',   ε' = (D(σ_0)·ε - (1-σ_0)·x̂0) / σ_0
+
+    and ε' (≈ ε, |ε' - ε| ≈ 0.04 on the digits) is the noise to train Reflow on: the Trainer then sees the
+    states the sampler starts from. Trained on ε itself, the model learns v ≈ ε - x̂0 along a line that
+    misses the start by (1-σ_0)·x̂0, and a straight flow from D(σ_0)·ε lands near (D - σ_0)·ε + σ_0·x̂0,
+    x̂0 shrunk by σ_0 ≈ 0.936, at every step count (bench/results/quality_cpu.md, "ε coupling" row: ε-model
+    pixel-PCA FD 2.88 vs 2.15 at 1 step, 2.39 vs 1.71 at 50). ``through_start=False`` returns (x̂0, ε).
+    """
+    labels = simple_labels(solver_steps, len(bridge.schedule))
+    x0_hat = torch.cat([sample_flow_euler(net, bridge, chunk, labels) for chunk in noise.split(batch)])
+    if not through_start:
+        return x0_hat, noise
+    sigma0 = flow_sigma(bridge.schedule.sigmas[labels[0]])  # float64 scalar tensor
+    start = (vp_scale(sigma0) * noise.double()).to(noise.dtype)
+    coupled = ((start.double() - (1 - sigma0) * x0_hat.double()) / sigma0).to(noise.dtype)
+    return x0_hat, coupled
+
+
+def finetune_variants(net, bridge: FlowBridge, x_train: torch.Tensor, cfg: DemoConfig, seed: int,
+                      name: str = "", raw_noise_ablation: bool = False) -> tuple[list[tuple[str, str, TinyUNet]], dict]:
+    """The demo's fine-tuned rows for one native model: [(row name, grid tag, net)] and their stats.
+
+    Diff2Flow fine-tune and + scheduled sampling start from ``net`` with the same Trainer seed (so the same
+    batches, σ and noise: scheduled sampling draws from its own RNG); + Reflow starts from the Diff2Flow
+    fine-tune and trains on couplings that fine-tune generated. ``raw_noise_ablation`` adds a fourth row,
+    ``REFLOW_RAW``: the same Reflow trained on (x̂0, ε) instead of (x̂0, ε') (see ``reflow_couplings``).
+    """
+    data = unconditional_data(x_train)
+    base = finetune_config(cfg, seed)
+    stats = {}
+    d2f, stats[FT_D2F] = finetune(net, bridge, data, base, f"d2f   {name:<3}")
+    ss_cfg = replace(base, scheduled_sampling=ScheduledSampling(
+        probability=cfg.ss_probability, max_offset=cfg.ss_max_offset, ramp="linear"))
+    ss, stats[FT_SS] = finetune(net, bridge, data, ss_cfg, f"ss    {name:<3}")
+    t0 = time.perf_counter()
+    eps = torch.randn((cfg.reflow_pairs,) + tuple(x_train.shape[1:]), generator=torch.Generator().manual_seed(seed + 17))
+    x0_hat, coupled = reflow_couplings(d2f, bridge, eps, cfg.reflow_solver_steps)
+    couple_seconds = time.perf_counter() - t0
+    reflow_cfg = replace(base, steps=cfg.reflow_steps, learning_rate=cfg.reflow_lr, seed=seed + 1)
+    rf, stats[FT_REFLOW] = finetune(d2f, bridge, unconditional_data(x0_hat, coupled), reflow_cfg, f"reflow {name:<2}")
+    stats[FT_REFLOW]["coupling_seconds"] = couple_seconds
+    stats[FT_REFLOW]["pairs"] = cfg.reflow_pairs
+    variants = [(row, tag, n) for (row, tag), n in zip(FINETUNE_ROWS, (d2f, ss, rf))]
+    if raw_noise_ablation:
+        raw, stats[REFLOW_RAW] = finetune(d2f, bridge, unconditional_data(x0_hat, eps), reflow_cfg, f"reflow-e {name:<2}")
+        variants.append((REFLOW_RAW, "RFE", raw))
+    return variants, stats
 
 
 # --- the demo --------------------------------------------------------------------------------------
@@ -272,9 +375,10 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         f"{flow_sigma(schedule.sigma_max):.6f}]), {cfg.steps_train} steps x batch {cfg.batch_size} per model, "
         f"torch threads: {torch.get_num_threads()}")
 
-    variants = []  # (name, net, bridge): the rows of every table; fine-tuned / Reflow models append here
+    natives = []  # (name, net, bridge): sampled natively and zero-shot, checked for equivalence
+    finetuned = []  # (name, row, tag, net, bridge): sampled with flow Euler
     results: dict = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-                     "train": {}}
+                     "train": {}, "finetune": {}}
     for name, prediction in PREDICTIONS:
         bridge = FlowBridge(schedule, prediction)
         torch.manual_seed(cfg.seed)  # both models start from the same weights and see the same batches
@@ -285,27 +389,42 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         results["train"][name] = stats
         log(f"  {name}-model ({prediction}, {results['params']:,} params): native loss "
             f"{stats['first_loss']:.3f} -> {stats['final_loss']:.4f} in {stats['seconds']:.1f}s")
-        variants.append((name, ema, bridge))
+        natives.append((name, ema, bridge))
+    if cfg.finetune:
+        for name, ema, bridge in natives:
+            rows_ft, stats = finetune_variants(ema, bridge, x_train, cfg, seed=cfg.seed + 5, name=name)
+            results["finetune"][name] = stats
+            finetuned += [(name, row, tag, net, bridge) for row, tag, net in rows_ft]
+            log(f"  {name}-model fine-tunes: " + "; ".join(
+                f"{row} {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['final_loss']:.4f} in {s['seconds']:.1f}s"
+                for row, s in stats.items())
+                + f" (+ {stats[FT_REFLOW]['pairs']} couplings in {stats[FT_REFLOW]['coupling_seconds']:.1f}s)")
 
     noise = torch.randn((cfg.n_samples, 1, cfg.size, cfg.size), generator=torch.Generator().manual_seed(cfg.seed + 2))
     metric = PixelPCAFrechet(x_train, cfg.pca_dim)
+    conv_metric = RandomConvFrechet(x_train)
     ref_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed + 3))[:cfg.n_samples]
     reference_fd = metric.distance(x_train[ref_idx], x_held)
+    reference_fd_conv = conv_metric.distance(x_train[ref_idx], x_held)
+
+    def add_row(name, row_name, tag, solver, steps, x):
+        return {"model": name, "sampler": row_name, "tag": tag, "solver": solver, "steps": steps,
+                "fd": metric.distance(x, x_held), "fd_random_conv": conv_metric.distance(x, x_held), "samples": x}
 
     t_sample = time.perf_counter()
     rows, equivalence = [], []
-    nets64 = {name: copy.deepcopy(net).double() for name, net, _ in variants}
-    total = len(variants) * (len(SAMPLERS) + 2) * sum(cfg.sample_steps)
+    nets64 = {name: copy.deepcopy(net).double() for name, net, _ in natives}
+    total = (len(natives) * (len(SAMPLERS) + 2) + len(finetuned)) * sum(cfg.sample_steps)
     with ProgressBar(total, "sample   ") as bar:
-        for name, net, bridge in variants:
+        for name, net, bridge in natives:
             for steps in cfg.sample_steps:
                 labels = simple_labels(steps, len(schedule))
                 finals = {}
                 for sampler_name, tag, sampler in SAMPLERS:
                     x = sampler(net, bridge, noise, labels)
                     finals[sampler_name] = x
-                    rows.append({"model": name, "sampler": sampler_name, "tag": tag, "steps": steps,
-                                 "fd": metric.distance(x, x_held), "samples": x})
+                    rows.append(add_row(name, sampler_name, tag, "DDIM" if sampler_name == NATIVE else FLOW_EULER,
+                                        steps, x))
                     bar.update(steps)
                 diff = (finals[NATIVE] - finals[FLOW]).abs().max().item()
                 # The same pair in float64 on a few samples separates the identity (≈1e-14) from
@@ -318,6 +437,13 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
                     "max_abs_diff_fp64": (ddim64 - flow64).abs().max().item(),
                     "fp32_rounding": (finals[NATIVE][:k].double() - ddim64).abs().max().item()})
                 bar.update(2 * steps)
+            for ft_name, row_name, tag, ft_net, ft_bridge in finetuned:
+                if ft_name != name:
+                    continue
+                for steps in cfg.sample_steps:
+                    x = sample_flow_euler(ft_net, ft_bridge, noise, simple_labels(steps, len(schedule)))
+                    rows.append(add_row(name, row_name, tag, FLOW_EULER, steps, x))
+                    bar.update(steps)
     sample_seconds = time.perf_counter() - t_sample
 
     log("")
@@ -325,10 +451,12 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
     log("")
     header = (f"Few-step quality: Frechet distance in a {metric.k}-dim pixel-PCA space (top PCs of the "
               f"{len(x_train)} training digits, {100 * metric.explained:.0f}% of pixel variance), "
-              f"{cfg.n_samples} generated vs {len(x_held)} held-out real digits; lower is better.\n"
+              f"{cfg.n_samples} generated vs {len(x_held)} held-out real digits; lower is better. Same noise and "
+              f"'simple' label grid in every row; fine-tuned rows are sampled with flow Euler.\n"
               f"Reference, {cfg.n_samples} real training digits vs the same held-out set: {reference_fd:.3f}")
     log(header)
-    log(_quality_table(rows, cfg.sample_steps))
+    table_md = _quality_table(rows, cfg.sample_steps)
+    log(table_md)
 
     grid_rows = [to_uint8(x_train[ref_idx[:cfg.grid_columns], 0])]
     grid_labels = ["REAL"]
@@ -337,15 +465,18 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         grid_labels.append(f"{row['model']} {row['tag']} {row['steps']}")
     grid_path = write_png(out / "grid.png", image_grid(grid_rows, grid_labels, scale=2))
     log("")
-    log(f"grid ({len(grid_rows)} rows: real digits, then model / sampler / steps): {grid_path}")
+    log(f"grid ({len(grid_rows)} rows: real digits, then model / method / steps): {grid_path}")
 
     results.update({
         "equivalence": equivalence,
         "max_abs_diff": max(e["max_abs_diff"] for e in equivalence),
-        "metric": {"kind": "frechet_pixel_pca", "dim": metric.k, "explained_variance": metric.explained,
-                   "n_generated": cfg.n_samples, "n_real": len(x_held)},
+        "metric": {"kind": metric.kind, "dim": metric.k, "explained_variance": metric.explained,
+                   "n_generated": cfg.n_samples, "n_real": len(x_held),
+                   "also": {"kind": conv_metric.kind, "description": conv_metric.describe()}},
         "reference_fd": reference_fd,
+        "reference_fd_random_conv": reference_fd_conv,
         "table": [{k: v for k, v in r.items() if k != "samples"} for r in rows],
+        "table_markdown": table_md,
         "grid_png": str(grid_path),
         "sample_seconds": sample_seconds,
     })
@@ -368,10 +499,12 @@ def _equivalence_table(equivalence: list, steps: tuple) -> str:
     return "\n".join(lines)
 
 
-def _quality_table(rows: list, steps: tuple) -> str:
-    lines = [f"{'model':<7}{'sampler':<20}" + "".join(f"{s:>8}" for s in steps)]
-    keys = list(dict.fromkeys((r["model"], r["sampler"]) for r in rows))
-    for model, sampler in keys:
-        by_steps = {r["steps"]: r["fd"] for r in rows if r["model"] == model and r["sampler"] == sampler}
-        lines.append(f"{model:<7}{sampler:<20}" + "".join(f"{by_steps[s]:>8.3f}" for s in steps))
+def _quality_table(rows: list, steps: tuple, key: str = "fd") -> str:
+    """A Markdown table (readable as text, pastes into a README): one line per (model, method)."""
+    width = max(len(r["sampler"]) for r in rows)
+    lines = [f"| model | {'method':<{width}} |" + "".join(f" {s:>6} |" for s in steps),
+             f"|-------|-{'-' * width}-|" + "-------:|" * len(steps)]
+    for model, sampler in dict.fromkeys((r["model"], r["sampler"]) for r in rows):
+        by_steps = {r["steps"]: r[key] for r in rows if r["model"] == model and r["sampler"] == sampler}
+        lines.append(f"| {model:<5} | {sampler:<{width}} |" + "".join(f" {by_steps[s]:>6.3f} |" for s in steps))
     return "\n".join(lines)

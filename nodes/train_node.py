@@ -243,7 +243,7 @@ class TrainingRun:
             return x0
 
         with torch.no_grad():
-            x0 = sample_euler_flow(denoise, sigmas[0] * noise, sigmas)
+            x0 = sample_euler_flow(denoise, self.bridge.start_state(sigmas[:1], noise, torch.zeros_like(noise), True), sigmas)
         self.reporter.preview(step, x0, self.model.get_model_object("latent_format"), self.device)
 
     # --- the run ----------------------------------------------------------------------------------

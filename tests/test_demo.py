@@ -1,5 +1,6 @@
 """`d2f demo --quick` end to end, in process: the CLI runs, writes a valid PNG grid and results.json,
-and native DDIM equals the zero-shot flow Euler sampler to float error (DESIGN §2)."""
+native DDIM equals the zero-shot flow Euler sampler to float error (DESIGN §2), and the fine-tuned rows
+(Diff2Flow fine-tune, + scheduled sampling, + Reflow through the Trainer) are trained, sampled and scored."""
 
 import json
 import struct
@@ -11,7 +12,11 @@ import torch
 
 from d2f_core import cli
 from d2f_core.datasets import digits_tensor, load_digits
-from d2f_core.demo import PixelPCAFrechet, frechet_distance, simple_labels
+from d2f_core.bridge import FlowBridge, flow_sigma, vp_scale
+from d2f_core.demo import FINETUNE_ROWS, FLOW, NATIVE, reflow_couplings, simple_labels, unconditional_data
+from d2f_core.metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance
+from d2f_core.schedule import DiscreteSchedule
+from d2f_core.tiny_unet import TinyUNet
 from d2f_core.png import PNG_SIGNATURE, encode_png
 
 
@@ -43,11 +48,43 @@ def test_quick_demo(tmp_path):
     assert results["max_abs_diff"] < 1e-4
     assert max(e["max_abs_diff_fp64"] for e in results["equivalence"]) < 1e-10
     for row in results["table"]:
-        assert np.isfinite(row["fd"])
-    # Same network, same noise, same labels: both samplers score the same to float error.
+        assert np.isfinite(row["fd"]) and np.isfinite(row["fd_random_conv"])
+    # Every (model, method) row has every step count: 2 native samplers + the fine-tuned rows.
+    methods = [NATIVE, FLOW] + [row for row, _ in FINETUNE_ROWS]
     fd = {(r["model"], r["sampler"], r["steps"]): r["fd"] for r in results["table"]}
+    assert set(fd) == {(m, meth, s) for m in ("eps", "v") for meth in methods for s in steps}
+    assert {r["solver"] for r in results["table"] if r["sampler"] not in (NATIVE,)} == {"flow Euler"}
+    # Same network, same noise, same labels: both samplers score the same to float error.
     for (model, sampler, s), value in fd.items():
-        assert value == pytest.approx(fd[(model, "native DDIM", s)], rel=1e-3, abs=1e-4)
+        if sampler == FLOW:
+            assert value == pytest.approx(fd[(model, NATIVE, s)], rel=1e-3, abs=1e-4)
+    # The fine-tunes really trained (through the Trainer) and changed the model.
+    for model in ("eps", "v"):
+        stats = results["finetune"][model]
+        assert set(stats) == {row for row, _ in FINETUNE_ROWS}
+        assert all(s["steps"] >= 1 and np.isfinite(s["final_loss"]) for s in stats.values())
+        assert any(fd[(model, row, s)] != fd[(model, FLOW, s)] for row, _ in FINETUNE_ROWS for s in steps)
+    assert all(f"| {meth}" in results["table_markdown"] for meth in methods)
+    # One grid row per (model, method, steps), plus the real digits.
+    (width, height) = struct.unpack(">II", chunks[0][1][:8])
+    assert height > len(fd) * 16
+
+
+def test_reflow_couplings_pass_through_the_start_state():
+    """ε' makes the straight line (1-σ)·x̂0 + σ·ε' pass through the sampler's start D(σ_0)·ε at σ_0."""
+    torch.manual_seed(0)
+    bridge = FlowBridge(DiscreteSchedule.stable_diffusion(), "eps")
+    net = TinyUNet(1, channels=(8, 8)).eval()
+    noise = torch.randn(3, 1, 8, 8)
+    x0_hat, coupled = reflow_couplings(net, bridge, noise, solver_steps=2)
+    sigma0 = flow_sigma(bridge.schedule.sigmas[simple_labels(2)[0]])
+    start = (1 - sigma0) * x0_hat.double() + sigma0 * coupled.double()
+    assert torch.allclose(start, vp_scale(sigma0) * noise.double(), atol=1e-5)
+    x0_raw, raw = reflow_couplings(net, bridge, noise, solver_steps=2, through_start=False)
+    assert torch.equal(raw, noise) and torch.equal(x0_raw, x0_hat)
+    data = unconditional_data(x0_hat, coupled)  # an unconditional coupling set: one empty cond per pair
+    x0, cond, nz = data.sample(0, 2, torch.Generator().manual_seed(0))
+    assert cond == {} and nz.shape == x0.shape
 
 
 def test_png_roundtrip_gray_and_rgb():
@@ -86,3 +123,9 @@ def test_frechet_distance_gaussians():
     x, _ = digits_tensor(16)
     metric = PixelPCAFrechet(x[:1000], 8)
     assert metric.features(x[:5]).shape == (5, 8) and 0 < metric.explained < 1
+    conv = RandomConvFrechet(x[:1000], dim=16)
+    f = conv.features(x[:1000])
+    assert f.shape == (1000, 16) and torch.allclose(f.std(0), torch.ones(16, dtype=torch.float64))
+    # A fixed space: the same seed gives the same numbers; real vs real is far below real vs noise.
+    assert torch.allclose(RandomConvFrechet(x[:1000], dim=16).features(x[:5]), f[:5], rtol=1e-9, atol=1e-9)
+    assert conv.distance(x[:500], x[500:1000]) < 0.2 * conv.distance(x[:500], torch.rand_like(x[:500]) * 2 - 1)
