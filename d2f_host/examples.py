@@ -47,6 +47,25 @@ def _prompts(b: WorkflowBuilder, clip_src, x, y, positive=POSITIVE, negative=NEG
     return pos, neg
 
 
+def _ksampler(b: WorkflowBuilder, x, model, positive, negative, latent, *, steps, cfg, denoise=1.0):
+    """Stock KSampler (euler, simple, fixed seed 42) fed by (node, output) pairs."""
+    ks = b.node("KSampler", [x, 40], [330, 270], seed=42, seed__control="fixed", steps=steps, cfg=cfg,
+                sampler_name="euler", scheduler="simple", denoise=denoise)
+    for (src, out), name in ((model, "model"), (positive, "positive"), (negative, "negative"), (latent, "latent_image")):
+        b.link(src, out, ks, name)
+    return ks
+
+
+def _decode_and_save(b: WorkflowBuilder, samples, vae_src, decode_pos, save_pos, prefix):
+    """VAEDecode of ``samples`` (a (node, output) pair) with the checkpoint's VAE → SaveImage."""
+    dec = b.node("VAEDecode", decode_pos, [210, 50])
+    b.link(*samples, dec, "samples")
+    b.link(vae_src, "VAE", dec, "vae")
+    save = b.node("SaveImage", save_pos, [420, 470], filename_prefix=prefix)
+    b.link(dec, "IMAGE", save, "images")
+    return save
+
+
 def sd15_txt2img(defs, *, ckpt=SD15_CKPT, width=512, height=512, label="SD1.5", note_extra="", steps=20, cfg=7.0):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, ckpt)
@@ -54,16 +73,10 @@ def sd15_txt2img(defs, *, ckpt=SD15_CKPT, width=512, height=512, label="SD1.5", 
     b.link(ckpt_node, "MODEL", patch, "model")
     pos, neg = _prompts(b, ckpt_node, 400, 250)
     latent = b.node("EmptyLatentImage", [400, 640], [330, 110], width=width, height=height, batch_size=1)
-    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=steps, cfg=cfg,
-                sampler_name="euler", scheduler="simple", denoise=1.0)
-    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
-                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
-        b.link(src, out, ks, name)
-    dec = b.node("VAEDecode", [880, 360], [210, 50])
-    b.link(ks, "LATENT", dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix=f"d2f/{label.lower().replace('.', '')}_txt2img")
-    b.link(dec, "IMAGE", save, "images")
+    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+                   steps=steps, cfg=cfg)
+    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40],
+                     f"d2f/{label.lower().replace('.', '')}_txt2img")
     b.note(
         f"Diff2Flow — {label} text-to-image with a stock KSampler\n\n"
         f"1. Load Checkpoint: choose your {label} checkpoint in models/checkpoints ({ckpt} is only the usual "
@@ -99,11 +112,7 @@ def sd15_flow_sampler(defs):
     b.link(sampler, "SAMPLER", sca, "sampler")
     b.link(sched, "SIGMAS", sca, "sigmas")
     b.link(latent, "LATENT", sca, "latent_image")
-    dec = b.node("VAEDecode", [1260, 200], [210, 50])
-    b.link(sca, 0, dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [1600, 40], [420, 470], filename_prefix="d2f/sd15_flow_sampler")
-    b.link(dec, "IMAGE", save, "images")
+    _decode_and_save(b, (sca, 0), ckpt_node, [1260, 200], [1600, 40], "d2f/sd15_flow_sampler")
     b.note(
         "Diff2Flow — SD1.5 with the flow scheduler and the Euler flow sampler\n\n"
         f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
@@ -135,16 +144,9 @@ def sdxl_vpred(defs):
     b.link(msd, "MODEL", patch, "model")
     pos, neg = _prompts(b, ckpt_node, 400, 360)
     latent = b.node("EmptyLatentImage", [400, 750], [330, 110], width=1024, height=1024, batch_size=1)
-    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=25, cfg=5.0,
-                sampler_name="euler", scheduler="simple", denoise=1.0)
-    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
-                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
-        b.link(src, out, ks, name)
-    dec = b.node("VAEDecode", [880, 360], [210, 50])
-    b.link(ks, "LATENT", dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix="d2f/sdxl_vpred_txt2img")
-    b.link(dec, "IMAGE", save, "images")
+    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+                   steps=25, cfg=5.0)
+    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40], "d2f/sdxl_vpred_txt2img")
     b.note(
         "Diff2Flow — v-prediction SDXL\n\n"
         "1. Load Checkpoint: choose your v-prediction SDXL checkpoint (the file name here is a placeholder).\n\n"
@@ -171,16 +173,9 @@ def sd15_img2img(defs):
     enc = b.node("VAEEncode", [400, 640], [210, 50])
     b.link(load, "IMAGE", enc, "pixels")
     b.link(ckpt_node, "VAE", enc, "vae")
-    ks = b.node("KSampler", [880, 40], [330, 270], seed=42, seed__control="fixed", steps=20, cfg=7.0,
-                sampler_name="euler", scheduler="simple", denoise=0.6)
-    for src, out, name in ((patch, "MODEL", "model"), (pos, "CONDITIONING", "positive"),
-                           (neg, "CONDITIONING", "negative"), (enc, "LATENT", "latent_image")):
-        b.link(src, out, ks, name)
-    dec = b.node("VAEDecode", [880, 360], [210, 50])
-    b.link(ks, "LATENT", dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [1260, 40], [420, 470], filename_prefix="d2f/sd15_img2img")
-    b.link(dec, "IMAGE", save, "images")
+    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (enc, "LATENT"),
+                   steps=20, cfg=7.0, denoise=0.6)
+    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40], "d2f/sd15_img2img")
     b.note(
         "Diff2Flow — SD1.5 image-to-image\n\n"
         f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
@@ -228,17 +223,9 @@ def sd15_train_lora(defs):
                  text="a photo in the style of the training images")
     b.link(ckpt_node, "CLIP", pos, "clip")
     latent = b.node("EmptyLatentImage", [1260, 760], [330, 110], width=512, height=512, batch_size=1)
-    ks = b.node("KSampler", [1640, 40], [330, 270], seed=42, seed__control="fixed", steps=20, cfg=6.0,
-                sampler_name="euler", scheduler="simple", denoise=1.0)
-    b.link(train, "model", ks, "model")
-    b.link(pos, "CONDITIONING", ks, "positive")
-    b.link(empty, "CONDITIONING", ks, "negative")
-    b.link(latent, "LATENT", ks, "latent_image")
-    dec = b.node("VAEDecode", [1640, 360], [210, 50])
-    b.link(ks, "LATENT", dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [2010, 40], [420, 470], filename_prefix="d2f/trained_preview")
-    b.link(dec, "IMAGE", save, "images")
+    ks = _ksampler(b, 1640, (train, "model"), (pos, "CONDITIONING"), (empty, "CONDITIONING"), (latent, "LATENT"),
+                   steps=20, cfg=6.0)
+    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [1640, 360], [2010, 40], "d2f/trained_preview")
     b.note(
         "Diff2Flow — LoRA fine-tune of SD1.5 toward flow matching\n\n"
         f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
@@ -285,16 +272,9 @@ def sd15_reflow(defs):
     loss = b.node("LossGraphNode", [1720, 200], [330, 330], filename_prefix="d2f/reflow_loss_graph")
     b.link(train, "loss", loss, "loss")
     latent = b.node("EmptyLatentImage", [1720, 580], [330, 110], width=512, height=512, batch_size=1)
-    ks = b.node("KSampler", [2100, 40], [330, 270], seed=42, seed__control="fixed", steps=4, cfg=1.0,
-                sampler_name="euler", scheduler="simple", denoise=1.0)
-    for src, out, name in ((train, "model", "model"), (pos, "CONDITIONING", "positive"),
-                           (neg, "CONDITIONING", "negative"), (latent, "LATENT", "latent_image")):
-        b.link(src, out, ks, name)
-    dec = b.node("VAEDecode", [2100, 360], [210, 50])
-    b.link(ks, "LATENT", dec, "samples")
-    b.link(ckpt_node, "VAE", dec, "vae")
-    save = b.node("SaveImage", [2480, 40], [420, 470], filename_prefix="d2f/sd15_reflow_4steps")
-    b.link(dec, "IMAGE", save, "images")
+    ks = _ksampler(b, 2100, (train, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+                   steps=4, cfg=1.0)
+    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [2100, 360], [2480, 40], "d2f/sd15_reflow_4steps")
     b.note(
         "Diff2Flow — Reflow: straight paths, 4-step sampling (SD1.5)\n\n"
         f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"

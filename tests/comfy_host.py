@@ -110,9 +110,9 @@ class Host:
         except KeyError:
             raise KeyError(f"node '{node_id}' is not registered in the host") from None
 
-    def run(self, node_id: str, **inputs) -> tuple:
+    def _execute(self, node_id: str, **inputs):
         """Execute one node as ComfyUI's executor does (V3: validated, class clone, locked method;
-        V1: an instance's FUNCTION), under ``torch.inference_mode()``. Returns the output tuple."""
+        V1: an instance's FUNCTION), under ``torch.inference_mode()``. Returns what the node returned."""
         import torch
         from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
 
@@ -127,6 +127,11 @@ class Host:
             out = fn(**inputs)
             if inspect.isawaitable(out):
                 out = asyncio.run(out)
+        return out
+
+    def run(self, node_id: str, **inputs) -> tuple:
+        """``_execute``, returning the node's output tuple."""
+        out = self._execute(node_id, **inputs)
         if hasattr(out, "result"):  # V3 NodeOutput
             return tuple(out.result)
         if isinstance(out, dict):  # V1 {"ui": ..., "result": ...}
@@ -140,20 +145,7 @@ class Host:
     def run_output_node(self, node_id: str, **inputs):
         """``run`` for output nodes (SaveLoRA, LossGraphNode, CheckpointSave, …), whose V3 ``NodeOutput``
         may carry no result at all: returns ``(result tuple, ui dict or None)``."""
-        import torch
-        from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
-
-        cls = self.node_class(node_id)
-        if isinstance(cls, type) and issubclass(cls, _ComfyNodeInternal):
-            cls.VALIDATE_CLASS()
-            cls.GET_SCHEMA()
-            fn = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(None))
-        else:
-            fn = getattr(cls(), cls.FUNCTION)
-        with torch.inference_mode():
-            out = fn(**inputs)
-            if inspect.isawaitable(out):
-                out = asyncio.run(out)
+        out = self._execute(node_id, **inputs)
         if hasattr(out, "result"):  # V3 NodeOutput
             ui = out.ui.as_dict() if hasattr(out.ui, "as_dict") else out.ui
             return tuple(out.result or ()), ui

@@ -40,6 +40,20 @@ function fmtSeconds(s) {
   return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
 }
 
+// A fixed-height DOM widget that only displays: never saved into the workflow's widgets_values.
+function addDisplayWidget(node, name, element, height) {
+  const widget = node.addDOMWidget(name, name, element, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => height,
+    getMaxHeight: () => height,
+  });
+  widget.serialize = false;
+  return widget;
+}
+
 function baseName(path) {
   if (!path) return "";
   const parts = String(path).split(/[\\/]/);
@@ -136,15 +150,7 @@ function addTrainingWidget(node) {
   canvas.className = "d2f-loss-chart";
   canvas.style.cssText = "flex:1 1 auto;min-height:60px;width:100%;border-radius:4px;display:block;";
   root.append(status, canvas);
-  const widget = node.addDOMWidget("d2f_loss_chart", "d2f_loss_chart", root, {
-    serialize: false,
-    hideOnZoom: false,
-    getValue: () => "",
-    setValue: () => {},
-    getMinHeight: () => CHART_HEIGHT,
-    getMaxHeight: () => CHART_HEIGHT,
-  });
-  widget.serialize = false;
+  const widget = addDisplayWidget(node, "d2f_loss_chart", root, CHART_HEIGHT);
   node.d2fChart = { root, canvas, status, widget };
   fitNode(node);
   refreshNode(node);
@@ -234,15 +240,7 @@ function showPatchReadout(node, info) {
     const el = document.createElement("div");
     el.className = "d2f-patch-readout";
     el.style.cssText = "white-space:pre;font:11px monospace;color:#9fd49f;padding:2px 4px;overflow:hidden;";
-    const widget = node.addDOMWidget("d2f_patch_readout", "d2f_patch_readout", el, {
-      serialize: false,
-      hideOnZoom: false,
-      getValue: () => "",
-      setValue: () => {},
-      getMinHeight: () => READOUT_HEIGHT,
-      getMaxHeight: () => READOUT_HEIGHT,
-    });
-    widget.serialize = false;
+    addDisplayWidget(node, "d2f_patch_readout", el, READOUT_HEIGHT);
     node.d2fReadout = el;
   }
   fitNode(node);
