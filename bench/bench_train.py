@@ -121,7 +121,8 @@ class StepClock:
         return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
 
 
-def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, steps: int, skip: int):
+def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, steps: int, skip: int,
+            compile_unet: bool = False):
     import comfy.model_management as mm
     import comfy.utils
     import torch
@@ -137,7 +138,8 @@ def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, 
         if trainer == "d2f":
             run_node(nodes, "D2FTrain", model=model, latents={"samples": latents}, positive=conds, mode="lora",
                      steps=steps, batch_size=batch, rank=16, alpha=16.0, learning_rate=1e-4,
-                     gradient_checkpointing=ckpt, training_dtype="bf16", seed=0, run_name="bench")
+                     gradient_checkpointing=ckpt, training_dtype="bf16", seed=0, run_name="bench",
+                     compile=compile_unet)
         else:
             run_node(nodes, "TrainLoraNode", model=model, latents={"samples": latents}, positive=conds,
                      batch_size=batch, steps=steps, rank=16, learning_rate=1e-4, training_dtype="bf16",
@@ -180,6 +182,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny UNets and latents (CPU smoke run)")
     ap.add_argument("--batches", type=str, default=None, help="override batch sizes, e.g. 1,4")
     ap.add_argument("--only", choices=["d2f", "core"], default=None)
+    ap.add_argument("--ckpt", choices=["both", "on", "off"], default="both", help="gradient checkpointing settings")
+    ap.add_argument("--compile", action="store_true",
+                    help="D2FTrain with compile=True (the first measured step waits for the compiler: more warm-up)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
     args = ap.parse_args(argv)
 
@@ -210,13 +215,14 @@ def main(argv=None):
         conds = [[torch.randn(1, 77, ctx_dim, generator=g), dict(extras)] for _ in range(n_images)]
         flops = forward_flops(model, latents, conds) if device == "cuda" else None
         for batch in batches:
-            for ckpt in (True, False):
+            for ckpt in {"both": (True, False), "on": (True,), "off": (False,)}[args.ckpt]:
                 row = {"arch": arch, "batch": batch, "checkpointing": ckpt}
                 for trainer in ("d2f", "core"):
                     if args.only and trainer != args.only:
                         continue
                     steps, skip = ((40, 10) if trainer == "d2f" else (14, 4)) if not args.tiny else (6, 1)
-                    r = measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip)
+                    r = measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip,
+                                compile_unet=args.compile and trainer == "d2f")
                     row[trainer] = r
                     if flops and peak and r["samples_per_s"]:
                         r["mfu"] = 3 * flops * r["samples_per_s"] / peak
@@ -228,10 +234,15 @@ def main(argv=None):
         del model
 
     meta = {"device": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "peak_bf16": peak,
-            "tiny": args.tiny}
+            "tiny": args.tiny, "compile": args.compile}
+    if args.compile:  # what the compiler could not take in one graph (each break is a host round trip)
+        from torch._dynamo.utils import counters
+        meta["graph_breaks"] = {reason[:300]: n for reason, n in counters["graph_break"].items()}
+        print("graph breaks:", json.dumps(meta["graph_breaks"], indent=1)[:3000])
     with open(os.path.join(args.out, "train_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"Training throughput, {gpu}, torch {torch.__version__}, {meta['date']} (LoRA rank 16, bf16)", "",
+    lines = [f"Training throughput, {gpu}, torch {torch.__version__}, {meta['date']} (LoRA rank 16, bf16"
+             f"{', D2FTrain compiled' if args.compile else ''})", "",
              "| model | batch | ckpt | D2FTrain samples/s | TrainLoraNode samples/s | ratio | D2F peak GiB | core peak GiB | D2F MFU |",
              "|---|---|---|---|---|---|---|---|---|"]
 

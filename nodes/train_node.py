@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from ..d2f_core.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.data import LatentBuckets
+from ..d2f_core.compilation import CompiledNet
 from ..d2f_core.graphs import GraphedNet
 from ..d2f_core.losses import TIME_SAMPLINGS
 from ..d2f_core.precision import cast_for_training
@@ -104,6 +105,11 @@ class D2FTrain(io.ComfyNode):
                 io.Boolean.Input("cuda_graphs", default=True, advanced=True,
                                  tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
                                          "batch. Falls back to normal execution by itself if capture fails."),
+                io.Boolean.Input("compile", default=False, advanced=True,
+                                 tooltip="torch.compile the UNet's training step: faster steps at batch 8 and up, "
+                                         "after a one-time compilation of 1–3 minutes per resolution. Worth it for "
+                                         "runs of several hundred steps. Falls back to normal execution if "
+                                         "compilation fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
                 io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
@@ -276,8 +282,11 @@ class TrainingRun:
             with torch.autocast(device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
                 return adapters(x, t, context=context, y=y, control=None, transformer_options={})
         self.net = net
-        use_graphs = device.type == "cuda" and self.opts.get("cuda_graphs", True)
-        train_net = GraphedNet(net, adapters.parameters()) if use_graphs else net
+        train_net = net
+        if self.opts.get("compile", False):
+            train_net = CompiledNet(net, adapters.parameters(), passthrough=(mm.InterruptProcessingException,))
+        if device.type == "cuda" and self.opts.get("cuda_graphs", True):
+            train_net = GraphedNet(train_net, adapters.parameters())
 
         def snapshot():
             return adapters.state_tensors()  # detached copies already

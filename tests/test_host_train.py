@@ -508,6 +508,31 @@ def test_resume_equals_straight_run(host, pack, sd15_model, lora_dir, record_mea
     assert d_teeth > 100 * RESUME_TOL
 
 
+def test_compiled_training_follows_eager_training(host, pack, sd15_model, monkeypatch, record_measure):
+    """compile=True runs the real UNet through torch.compile (inductor on the CPU here) and trains what
+    eager training trains, to compiler round-off."""
+    made = []
+
+    class Recorded(pack.train_node.CompiledNet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+    monkeypatch.setattr(pack.train_node, "CompiledNet", Recorded)
+    latents, positive = dataset(3, seed=8)
+    # SGD, not Adam: Adam divides by √v, which turns round-off in near-zero gradients into lr-sized steps.
+    common = dict(steps=3, batch_size=2, learning_rate=0.05, optimizer="sgd", run_name="compiled")
+    eager = train(host, sd15_model, latents, positive, compile=False, **common)
+    assert not made
+    compiled = train(host, sd15_model, latents, positive, compile=True, **common)
+    assert len(made) == 1 and made[0].fallback_reason is None and made[0].tried
+    d = max_tensor_diff(compiled.lora, eager.lora)
+    up = {k: v for k, v in eager.lora.items() if "lora_up" in k}  # zero before training
+    trained = max_tensor_diff(up, {k: v * 0 for k, v in up.items()})
+    record_measure("compiled vs eager D2FTrain, 3 steps: max |ΔLoRA|", d, f"≤ 1e-3 × trained change {trained:.2g}")
+    assert trained > 1e-5 and d <= 1e-3 * trained
+    assert rel(compiled.losses, eager.losses) <= 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. the UI's stop button
 # ---------------------------------------------------------------------------------------------
