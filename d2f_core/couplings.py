@@ -7,6 +7,17 @@ CFG and the prompt) from ε down to σ = 0, keep (ε, x̂0), and train on the st
 
 which straightens the sampling paths so that 1–4 Euler steps land close to where the full ODE lands.
 
+The ε trained on is the noise end of the straight line through the state the sampler really started
+from. An SD schedule ends at σ_0 = σ_max < 1 (nonzero terminal SNR), and every sampler starts there from
+the host's max-denoise state D(σ_0)·ε, which is not the interpolant (1-σ_0)·x̂0 + σ_0·ε. The line through
+that start and x̂0 ends at σ = 1 in
+
+    ε' = (D(σ_0)·ε - (1-σ_0)·x̂0) / σ_0            (``noise_through_start``)
+
+and training on ε' teaches the velocity the few-step sampler needs at the states it visits. Training on ε
+itself would learn a line that misses the start by (1-σ_0)·x̂0 - (D(σ_0) - σ_0)·ε, and the straightened
+flow would land on a shrunken x̂0. Files keep the drawn ε; ε' is derived when training reads the pairs.
+
 Layout of a couplings folder (every file written atomically: ``*.tmp`` then ``os.replace``):
 
 * ``prompts.safetensors``: the prompt table, tensors ``prompt.<kwarg>`` shaped (P, …) in float32 (the
@@ -41,7 +52,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .bridge import FlowBridge
+from .bridge import FlowBridge, vp_scale
 from .samplers import sample_euler_flow
 
 FORMAT = "d2f_couplings"
@@ -95,6 +106,18 @@ def solve_flow_ode(denoise: Callable, bridge: FlowBridge, noise: torch.Tensor, s
 
 
 # --- in memory ---------------------------------------------------------------------------------------
+def noise_through_start(noise: torch.Tensor, x0: torch.Tensor, sigma_start: float) -> torch.Tensor:
+    """ε' = (D(σ_0)·ε - (1-σ_0)·x̂0) / σ_0: then (1-σ_0)·x̂0 + σ_0·ε' = D(σ_0)·ε, the max-denoise start.
+
+    Computed in float64, returned in ``noise.dtype``. σ_0 = 1 gives ε back (D(1) = 1).
+    """
+    s0 = torch.tensor(float(sigma_start), dtype=torch.float64)
+    if not 0.0 < float(s0) <= 1.0:
+        raise CouplingsError(f"the start time σ_0 must be in (0, 1], got {float(s0)}")
+    through = (vp_scale(s0) * noise.double() - (1 - s0) * x0.double()) / s0
+    return through.to(noise.dtype)
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
@@ -158,13 +181,27 @@ class Couplings:
             return self
         return Couplings(self.noise[:n], self.x0[:n], self.prompts, self.prompt_index[:n], dict(self.meta), self.folder)
 
+    @property
+    def start_sigma(self) -> float | None:
+        """σ_0 of the max-denoise start D(σ_0)·ε the pairs were sampled from (meta ``sigma_max``, which
+        D2FReflowPairs records), or None when the maker did not say."""
+        value = self.meta.get("sigma_max")
+        return None if value is None else float(value)
+
+    def line_noise(self) -> torch.Tensor:
+        """The noise to train on: ε' of :func:`noise_through_start` when the start is known, else ε."""
+        if self.start_sigma is None:
+            return self.noise
+        return noise_through_start(self.noise, self.x0, self.start_sigma)
+
     def buckets(self) -> list[tuple]:
-        """LatentBuckets input: [(x0 (N,C,H,W), per-sample conditioning dicts, noise (N,C,H,W))]. The
-        dicts are views of the table rows (no copies); LatentBuckets stacks them once."""
+        """LatentBuckets input: [(x0 (N,C,H,W), per-sample conditioning dicts, noise (N,C,H,W))], the
+        noise being :meth:`line_noise`. The dicts are views of the table rows (no copies); LatentBuckets
+        stacks them once."""
         if not len(self):
             return []
         table = [self.prompt_conditioning(p) for p in range(self.num_prompts)]
-        return [(self.x0, [table[p] for p in self.prompt_index.tolist()], self.noise)]
+        return [(self.x0, [table[p] for p in self.prompt_index.tolist()], self.line_noise())]
 
     def digest(self) -> str:
         """sha256 of every tensor and the meta: equal digests ⇔ bit-identical couplings."""

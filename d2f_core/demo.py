@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-from .bridge import FlowBridge, flow_sigma, vp_scale
+from .bridge import FlowBridge, flow_sigma
+from .couplings import noise_through_start
 from .data import LatentBuckets
 from .datasets import digits_tensor, split_indices
 from .losses import training_loss
@@ -311,10 +312,8 @@ def reflow_couplings(net, bridge: FlowBridge, noise: torch.Tensor, solver_steps:
     x0_hat = torch.cat([sample_flow_euler(net, bridge, chunk, labels) for chunk in noise.split(batch)])
     if not through_start:
         return x0_hat, noise
-    sigma0 = flow_sigma(bridge.schedule.sigmas[labels[0]])  # float64 scalar tensor
-    start = (vp_scale(sigma0) * noise.double()).to(noise.dtype)
-    coupled = ((start.double() - (1 - sigma0) * x0_hat.double()) / sigma0).to(noise.dtype)
-    return x0_hat, coupled
+    sigma0 = flow_sigma(bridge.schedule.sigmas[labels[0]])
+    return x0_hat, noise_through_start(noise, x0_hat, float(sigma0))
 
 
 def finetune_variants(net, bridge: FlowBridge, x_train: torch.Tensor, cfg: DemoConfig, seed: int,

@@ -61,7 +61,8 @@ class D2FTrain(io.ComfyNode):
                 "Fine-tunes an ε/v checkpoint toward flow matching with the Diff2Flow objective "
                 "‖v̂ - (ε - x0)‖². Returns the trained, flow-patched model, a LoRA that the core LoRA "
                 "loaders read and SaveLoRA writes, and the loss history. Never changes the input model. With Reflow "
-                "couplings (D2FReflowPairs) it trains on x = (1-σ)·x̂0 + σ·ε with each pair's own noise: "
+                "couplings (D2FReflowPairs) it trains on x = (1-σ)·x̂0 + σ·ε' along each pair's straight line through "
+                "the state its sampler started from (ε' = (D(σ_max)·ε - (1-σ_max)·x̂0)/σ_max): "
                 "straighter paths, good 2–4-step samples."),
             is_input_list=True,
             inputs=[
@@ -105,11 +106,6 @@ class D2FTrain(io.ComfyNode):
                 io.Boolean.Input("cuda_graphs", default=True, advanced=True,
                                  tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
                                          "batch. Falls back to normal execution by itself if capture fails."),
-                io.Boolean.Input("compile", default=False, advanced=True,
-                                 tooltip="torch.compile the UNet's training step: faster steps at batch 8 and up, "
-                                         "after a one-time compilation of 1–3 minutes per resolution. Worth it for "
-                                         "runs of several hundred steps. Falls back to normal execution if "
-                                         "compilation fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
                 io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
@@ -133,11 +129,16 @@ class D2FTrain(io.ComfyNode):
                 io.String.Input("run_name", default="d2f_lora", tooltip="Name of the saved files under output/loras and output/d2f_states."),
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A .state.safetensors written by an earlier run (path, or relative to output/)."),
+                io.Boolean.Input("compile", default=False, advanced=True, optional=True,
+                                 tooltip="torch.compile the UNet's training step: faster steps at batch 8 and up, "
+                                         "after a one-time compilation of 1–3 minutes per resolution. Worth it for "
+                                         "runs of several hundred steps. Falls back to normal execution if "
+                                         "compilation fails."),
                 io.Conditioning.Input("empty_conditioning", optional=True,
                                       tooltip="The empty prompt's conditioning, for caption dropout and CFG previews."),
                 CouplingsIO.Input("couplings", optional=True,
                                   tooltip="Reflow pairs from D2FReflowPairs / D2FLoadReflowPairs: trains on each pair's "
-                                          "own noise and sample (Reflow). Latents/positive, if also given, are mixed in."),
+                                          "sample and noise (Reflow). Latents/positive, if also given, are mixed in."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),

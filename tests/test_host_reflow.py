@@ -266,7 +266,7 @@ def train(host, model, **inputs):
     return host.run("D2FTrain", model=[model], **{k: v if k == "couplings" else [v] for k, v in opts.items()})
 
 
-def test_train_on_couplings_uses_the_stored_noise(host, sd15_model, prompts, mods, monkeypatch):
+def test_train_on_couplings_uses_each_pairs_noise_through_its_start(host, sd15_model, prompts, mods, monkeypatch):
     _, train_node, _ = mods
     c, _ = make_pairs(host, sd15_model, [prompts["a"], prompts["b"]], prompts["neg"], "train", count=4, steps=2)
     seen = []
@@ -281,13 +281,22 @@ def test_train_on_couplings_uses_the_stored_noise(host, sd15_model, prompts, mod
     model, lora, loss, steps = train(host, sd15_model, couplings=[c])  # no latents, no positive
     assert steps == 3 and len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert lora and len(seen) == 3
+    # D2FReflowPairs records σ_max, where its sampler started (from D(σ_max)·ε): training reads ε' whose line
+    # (1-σ)·x̂0 + σ·ε' passes through that start
+    flow = host.run1("D2FFlowPatch", model=sd15_model, prediction="auto", label_offset=0)
+    assert c.start_sigma == pytest.approx(float(flow.get_model_object("model_sampling").sigma_max), rel=1e-6)
+    through = c.line_noise()
+    start = torch.full((len(c), 1, 1, 1), c.start_sigma)
+    d0 = ((1 - start) ** 2 + start ** 2).sqrt()
+    torch.testing.assert_close((1 - start) * c.x0 + start * through, d0 * c.noise, rtol=0, atol=1e-5)
+    assert not torch.equal(through, c.noise)
     for x0, noise, context in seen:
         assert noise is not None
         for row in range(x0.shape[0]):
             match = [i for i in range(len(c)) if torch.equal(c.x0[i], x0[row])]
             assert len(match) == 1, "a trained x0 is not one of the couplings' samples"
             i = match[0]
-            assert torch.equal(c.noise[i], noise[row]), "the loss did not use the pair's own noise"
+            assert torch.equal(through[i], noise[row]), "the loss did not use the pair's own noise through its start"
             assert torch.equal(c.conditioning(i)["context"], context[row]), "the pair's prompt was not used"
 
 
