@@ -130,10 +130,10 @@ class D2FTrain(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A .state.safetensors written by an earlier run (path, or relative to output/)."),
                 io.Boolean.Input("compile", default=False, advanced=True, optional=True,
-                                 tooltip="torch.compile the UNet's training step: faster steps at batch 8 and up, "
-                                         "after a one-time compilation of 1–3 minutes per resolution. Worth it for "
-                                         "runs of several hundred steps. Falls back to normal execution if "
-                                         "compilation fails."),
+                                 tooltip="torch.compile the UNet's training step: 20–35% faster steps with "
+                                         "gradient_checkpointing off (no gain with it on), after a one-time "
+                                         "compilation of about 2 minutes per resolution: worth it for runs of several "
+                                         "hundred steps. Falls back to normal execution if compilation fails."),
                 io.Conditioning.Input("empty_conditioning", optional=True,
                                       tooltip="The empty prompt's conditioning, for caption dropout and CFG previews."),
                 CouplingsIO.Input("couplings", optional=True,
