@@ -139,6 +139,10 @@ class _AdaptersBase:
     def _named_trainables(self) -> dict[str, nn.Parameter]:
         raise NotImplementedError
 
+    def named_trainables(self) -> dict[str, nn.Parameter]:
+        """The live trainable tensors by the stable names of :meth:`state_tensors` (not copies)."""
+        return self._named_trainables()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Trainable tensors by stable name, detached copies (a snapshot that later steps do not change)."""
         return {k: p.detach().clone() for k, p in self._named_trainables().items()}

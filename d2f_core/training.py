@@ -116,7 +116,9 @@ class Trainer:
     ``net(x_in, label, **cond) -> output`` is the network with its trainable adaptation applied, fed in
     ``compute_dtype`` (the dtype of its weights); the loss is always taken in float32 or better;
     ``params`` the tensors to train; ``snapshot()``/``restore(state)`` give the last good state back
-    after a non-finite loss. Caption dropout swaps a sample's conditioning for the data's empty prompt
+    after a non-finite loss. At most two snapshots are referenced at a time, and ``snapshot()`` is called
+    only after the older of them was released (so :class:`~d2f_core.snapshots.HostSnapshots` with two slots
+    may serve it). Caption dropout swaps a sample's conditioning for the data's empty prompt
     with probability ``caption_dropout``.
     """
 

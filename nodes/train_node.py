@@ -18,6 +18,7 @@ from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.data import LatentBuckets
 from ..d2f_core.compilation import CompiledNet
 from ..d2f_core.graphs import GraphedNet
+from ..d2f_core.snapshots import HostSnapshots
 from ..d2f_core.losses import TIME_SAMPLINGS
 from ..d2f_core.precision import cast_for_training
 from ..d2f_core.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
@@ -289,8 +290,11 @@ class TrainingRun:
         if device.type == "cuda" and self.opts.get("cuda_graphs", True):
             train_net = GraphedNet(train_net, adapters.parameters())
 
-        def snapshot():
-            return adapters.state_tensors()  # detached copies already
+        if self.mode == "full":
+            snapshot = HostSnapshots(adapters.named_trainables()).take  # two weight copies: host memory
+        else:
+            def snapshot():
+                return adapters.state_tensors()  # detached copies already
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
                                          compute_dtype=self.dtype, snapshot=snapshot,

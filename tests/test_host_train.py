@@ -627,6 +627,33 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(host, pack, sd15_model, lo
     assert all(torch.isfinite(v).all() for v in on.lora.values())
 
 
+def test_full_mode_nan_restores_from_host_snapshots(host, pack, sd15_model, lora_dir, monkeypatch):
+    """Full fine-tunes keep their recovery snapshots in host memory (``HostSnapshots``, two slots): after a
+    NaN the weights saved under the last good step equal a clean run of that many steps, exactly."""
+    real_config = pack.train_node.TrainConfig
+    monkeypatch.setattr(pack.train_node, "TrainConfig", lambda **kw: real_config(**dict(kw, sync_every=3)))
+    used = []
+    real_ring = pack.train_node.HostSnapshots
+
+    class Recorded(real_ring):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            used.append(self)
+    monkeypatch.setattr(pack.train_node, "HostSnapshots", Recorded)
+    latents, positive = dataset(2, seed=0)
+    options = dict(NAN_OPTIONS, mode="full", steps=20)
+    with pytest.raises(RuntimeError, match=r"at step (\d+)") as info:
+        train(host, sd15_model, latents, positive, run_name="nan_full", **options)
+    message = str(info.value)
+    good = int(re.search(r"last good state \(step (\d+)\)", message).group(1))
+    assert len(used) == 1 and used[0].taken >= 3, "full mode did not snapshot through HostSnapshots"
+    assert good > 0, message
+    path = os.path.join(lora_dir, f"nan_full_{good:06d}_steps.safetensors")
+    assert path in message and os.path.exists(path), message
+    clean = train(host, sd15_model, latents, positive, run_name="nan_full_clean", **dict(options, steps=good))
+    assert max_tensor_diff(saved_lora(path), clean.lora) == 0.0
+
+
 def test_nan_at_first_step_saves_nothing(host, pack, sd15_model, lora_dir):
     latents, positive = dataset(1, seed=0)
     latents[0]["samples"][0, 0, 0, 0] = float("nan")  # a poisoned latent

@@ -102,6 +102,29 @@ def test_nan_loss_stops_with_step_and_restores_last_good_state():
     assert all(torch.isfinite(v).all() for v in net.state_dict().values())
 
 
+@pytest.mark.parametrize("slots", [2, 1])
+def test_host_snapshots_serve_the_trainer_with_two_slots(slots):
+    """Full fine-tunes keep their recovery snapshots in host memory, in a ring of preallocated buffers.
+    Two slots restore exactly the last good weights; one slot (teeth) would hand back the unproven ones."""
+    from d2f_core.snapshots import HostSnapshots
+    net = TinyNet()
+    ring = HostSnapshots(dict(net.named_parameters()), slots=slots)
+    trainer = Trainer(net, BRIDGE, list(net.parameters()), dataset(), TrainConfig(steps=20, sync_every=2, learning_rate=1e-3),
+                      snapshot=ring.take, restore=lambda s: net.load_state_dict(s, strict=False))
+    seen = {}
+
+    def progress(step, losses, rate):
+        seen[step] = {k: v.detach().clone() for k, v in net.named_parameters()}
+        if step == 4:
+            net.poison = True
+    with pytest.raises(NonFiniteLossError, match="step 5"):
+        trainer.run(on_progress=progress)
+    restored = {k: v.detach() for k, v in net.named_parameters()}
+    same_as_good = all(torch.equal(v, seen[2][k]) for k, v in restored.items())
+    assert same_as_good == (slots == 2)
+    assert ring.nbytes == slots * sum(p.numel() * 4 for p in net.parameters())
+
+
 def test_learning_rate_warmup_and_cosine():
     c = TrainConfig(steps=110, learning_rate=1.0, warmup_steps=10, lr_schedule="cosine")
     assert learning_rate_at(c, 0) == pytest.approx(0.1)
