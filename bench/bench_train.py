@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -122,13 +123,14 @@ class StepClock:
 
 
 def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, steps: int, skip: int,
-            compile_unet: bool = False):
+            compile_unet: bool = False, mode: str = "lora", graphs: bool = True):
     import comfy.model_management as mm
     import comfy.utils
     import torch
     mm.unload_all_models()
     mm.soft_empty_cache()
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     clock = StepClock()
     comfy.utils.set_progress_bar_global_hook(clock)
@@ -136,10 +138,10 @@ def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, 
     error = None
     try:
         if trainer == "d2f":
-            run_node(nodes, "D2FTrain", model=model, latents={"samples": latents}, positive=conds, mode="lora",
-                     steps=steps, batch_size=batch, rank=16, alpha=16.0, learning_rate=1e-4,
+            run_node(nodes, "D2FTrain", model=model, latents={"samples": latents}, positive=conds, mode=mode,
+                     steps=steps, batch_size=batch, rank=16, alpha=16.0, learning_rate=1e-4 if mode == "lora" else 1e-5,
                      gradient_checkpointing=ckpt, training_dtype="bf16", seed=0, run_name="bench",
-                     compile=compile_unet)
+                     compile=compile_unet, cuda_graphs=graphs)
         else:
             run_node(nodes, "TrainLoraNode", model=model, latents={"samples": latents}, positive=conds,
                      batch_size=batch, steps=steps, rank=16, learning_rate=1e-4, training_dtype="bf16",
@@ -152,10 +154,34 @@ def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, 
         comfy.utils.set_progress_bar_global_hook(None)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    # CUDA-graph pools hold their activations outside "allocated" between replays: reserved is the upper bound
+    reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if torch.cuda.is_available() else None
     rate = None if error else clock.steps_per_second(skip)
     mm.unload_all_models()
     mm.soft_empty_cache()
-    return {"samples_per_s": rate * batch if rate else None, "peak_gib": peak, "wall_s": wall, "error": error}
+    return {"samples_per_s": rate * batch if rate else None, "peak_gib": peak, "reserved_gib": reserved,
+            "wall_s": wall, "error": error}
+
+
+@contextlib.contextmanager
+def snapshots_in(where: str):
+    """``device``: swap D2FTrain's host-memory snapshot ring for device copies (how full mode kept them
+    before), to measure what the ring saves. ``host``: the node as it is."""
+    train_node = sys.modules[next(m for m in sys.modules if m.endswith("nodes.train_node"))]
+    real = train_node.HostSnapshots
+
+    class DeviceCopies:
+        def __init__(self, named, slots=2):
+            self.named = named
+
+        def take(self):
+            return {k: t.detach().clone() for k, t in self.named.items()}
+    if where == "device":
+        train_node.HostSnapshots = DeviceCopies
+    try:
+        yield
+    finally:
+        train_node.HostSnapshots = real
 
 
 def forward_flops(model, latents, conds) -> float | None:
@@ -183,6 +209,13 @@ def main(argv=None):
     ap.add_argument("--batches", type=str, default=None, help="override batch sizes, e.g. 1,4")
     ap.add_argument("--only", choices=["d2f", "core"], default=None)
     ap.add_argument("--ckpt", choices=["both", "on", "off"], default="both", help="gradient checkpointing settings")
+    ap.add_argument("--graphs", choices=["on", "off"], default="on", help="D2FTrain's cuda_graphs input")
+    ap.add_argument("--graph-eager-first", type=int, default=None,
+                    help="diagnostic: eager calls per shape before CUDA-graph capture (the node's default: 1)")
+    ap.add_argument("--mode", choices=["lora", "full"], default="lora",
+                    help="D2FTrain mode (full: no core counterpart, use with --only d2f)")
+    ap.add_argument("--snapshots", choices=["host", "device", "both"], default="host",
+                    help="full mode: NaN-recovery snapshots in host memory (the node's way) or on the device")
     ap.add_argument("--compile", action="store_true",
                     help="D2FTrain with compile=True (the first measured step waits for the compiler: more warm-up)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
@@ -190,6 +223,12 @@ def main(argv=None):
 
     import torch
     nodes = boot_host()
+    if args.graph_eager_first is not None:
+        for name, mod in list(sys.modules.items()):
+            if name.endswith("d2f_core.graphs"):
+                init = mod.GraphedNet.__init__
+                mod.GraphedNet.__init__ = (lambda self, *a, _init=init, **k:
+                                           _init(self, *a, **dict(k, eager_first=args.graph_eager_first)))
     import comfy.sd
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -221,8 +260,18 @@ def main(argv=None):
                     if args.only and trainer != args.only:
                         continue
                     steps, skip = ((40, 10) if trainer == "d2f" else (14, 4)) if not args.tiny else (6, 1)
-                    r = measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip,
-                                compile_unet=args.compile and trainer == "d2f")
+                    by_place = {}
+                    for where in ({"both": ("host", "device")}.get(args.snapshots, (args.snapshots,))
+                                  if trainer == "d2f" and args.mode == "full" else ("host",)):
+                        with snapshots_in(where):
+                            by_place[where] = measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip,
+                                                      compile_unet=args.compile and trainer == "d2f", mode=args.mode,
+                                                      graphs=args.graphs == "on")
+                    if "device" in by_place:
+                        row["d2f_device_snapshots"] = by_place["device"]
+                        print(json.dumps({"arch": arch, "batch": batch, "ckpt": ckpt, "snapshots": "device",
+                                          **by_place["device"]}), flush=True)
+                    r = by_place.get("host", by_place.get("device"))
                     row[trainer] = r
                     if flops and peak and r["samples_per_s"]:
                         r["mfu"] = 3 * flops * r["samples_per_s"] / peak
@@ -241,10 +290,12 @@ def main(argv=None):
         print("graph breaks:", json.dumps(meta["graph_breaks"], indent=1)[:3000])
     with open(os.path.join(args.out, "train_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"Training throughput, {gpu}, torch {torch.__version__}, {meta['date']} (LoRA rank 16, bf16"
+    lines = [f"Training throughput, {gpu}, torch {torch.__version__}, {meta['date']} "
+             f"({'LoRA rank 16' if args.mode == 'lora' else 'full fine-tune'}, bf16"
              f"{', D2FTrain compiled' if args.compile else ''})", "",
-             "| model | batch | ckpt | D2FTrain samples/s | TrainLoraNode samples/s | ratio | D2F peak GiB | core peak GiB | D2F MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | ckpt | D2FTrain samples/s | TrainLoraNode samples/s | ratio | D2F peak GiB | D2F reserved GiB "
+             "| core peak GiB | D2F MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(r, key, spec):
         if not r:
@@ -258,7 +309,13 @@ def main(argv=None):
         lines.append(f"| {row['arch']} | {row['batch']} | {'on' if row['checkpointing'] else 'off'} | "
                      f"{fmt(d, 'samples_per_s', '{:.2f}')} | {fmt(c, 'samples_per_s', '{:.2f}')} | "
                      f"{'{:.2f}×'.format(row['speedup']) if 'speedup' in row else '-'} | {fmt(d, 'peak_gib', '{:.1f}')} | "
-                     f"{fmt(c, 'peak_gib', '{:.1f}')} | {fmt(d, 'mfu', '{:.1%}')} |")
+                     f"{fmt(d, 'reserved_gib', '{:.1f}')} | {fmt(c, 'peak_gib', '{:.1f}')} | {fmt(d, 'mfu', '{:.1%}')} |")
+    for row in rows:
+        dev = row.get("d2f_device_snapshots")
+        if dev:
+            lines.append(f"\n{row['arch']} bs{row['batch']} ckpt {'on' if row['checkpointing'] else 'off'}, {args.mode} "
+                         f"mode with the snapshots on the device instead: {fmt(dev, 'samples_per_s', '{:.2f}')} samples/s, "
+                         f"peak {fmt(dev, 'peak_gib', '{:.1f}')} GiB (reserved {fmt(dev, 'reserved_gib', '{:.1f}')})")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "train_bench.md"), "w") as f:
         f.write(table + "\n")

@@ -28,10 +28,16 @@ class _Positional(torch.nn.Module):
 
 
 class GraphedNet:
-    def __init__(self, net, params: list[torch.nn.Parameter], max_graphs: int = 4, warmup: int = 3):
+    """``eager_first``: calls per new input shape that run eagerly (real training steps) before the shape is
+    captured, so that one-time initialisations a first step does on the training stream (library handles,
+    workspaces, lazily loaded kernels) never happen inside a capture."""
+
+    def __init__(self, net, params: list[torch.nn.Parameter], max_graphs: int = 4, warmup: int = 3,
+                 eager_first: int = 1):
         self.net, self.params = net, list(params)
-        self.max_graphs, self.warmup = max_graphs, warmup
+        self.max_graphs, self.warmup, self.eager_first = max_graphs, warmup, eager_first
         self.graphs: dict = {}
+        self.eager_calls: dict = {}
         self.fallback_reason: str | None = None
 
     def _key(self, x, t, cond):
@@ -43,6 +49,9 @@ class GraphedNet:
         key = self._key(x, t, cond)
         graphed = self.graphs.get(key)
         if graphed is None:
+            if self.eager_calls.get(key, 0) < self.eager_first:
+                self.eager_calls[key] = self.eager_calls.get(key, 0) + 1
+                return self.net(x, t, **cond)
             if len(self.graphs) >= self.max_graphs:
                 return self.net(x, t, **cond)  # too many shapes (buckets): the rest run eagerly
             keys = tuple(sorted(cond))
