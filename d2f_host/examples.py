@@ -56,6 +56,25 @@ def _ksampler(b: WorkflowBuilder, x, model, positive, negative, latent, *, steps
     return ks
 
 
+def _d2f_train(b: WorkflowBuilder, pos, *, steps, batch_size, save_every, preview_every, run_name):
+    """D2FTrain with the settings both training examples share (LoRA rank 16, bf16, checkpointing)."""
+    return b.node("D2FTrain", pos, [400, 720], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
+                  learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
+                  time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
+                  optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
+                  caption_dropout=0.0, seed=0, seed__control="fixed", save_every=save_every,
+                  preview_every=preview_every, run_name=run_name, resume_from="")
+
+
+def _save_lora_and_loss(b: WorkflowBuilder, train, x, lora_prefix, loss_prefix):
+    """SaveLoRA and Plot Loss Graph on a D2FTrain's outputs, stacked at column ``x``."""
+    save_lora = b.node("SaveLoRA", [x, 40], [330, 110], prefix=lora_prefix, steps=0)
+    b.link(train, "lora", save_lora, "lora")
+    b.link(train, "steps", save_lora, "steps")
+    loss = b.node("LossGraphNode", [x, 200], [330, 330], filename_prefix=loss_prefix)
+    b.link(train, "loss", loss, "loss")
+
+
 def _decode_and_save(b: WorkflowBuilder, samples, vae_src, decode_pos, save_pos, prefix):
     """VAEDecode of ``samples`` (a (node, output) pair) with the checkpoint's VAE → SaveImage."""
     dec = b.node("VAEDecode", decode_pos, [210, 50])
@@ -204,21 +223,13 @@ def sd15_train_lora(defs):
     empty = b.node("CLIPTextEncode", [400, 410], [330, 110], title="Empty prompt (CFG / caption dropout)",
                    color="#322", bgcolor="#533", text="")
     b.link(ckpt_node, "CLIP", empty, "clip")
-    train = b.node("D2FTrain", [800, 40], [400, 720], mode="lora", steps=500, batch_size=1, grad_accumulation=1,
-                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
-                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
-                   optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
-                   caption_dropout=0.0, seed=0, seed__control="fixed", save_every=100, preview_every=50, run_name="d2f_sd15_lora",
-                   resume_from="")
+    train = _d2f_train(b, [800, 40], steps=500, batch_size=1, save_every=100, preview_every=50,
+                       run_name="d2f_sd15_lora")
     b.link(patch, "MODEL", train, "model")
     b.link(make, "latents", train, "latents")
     b.link(make, "conditioning", train, "positive")
     b.link(empty, "CONDITIONING", train, "empty_conditioning")
-    save_lora = b.node("SaveLoRA", [1260, 40], [330, 110], prefix="loras/d2f_sd15_lora", steps=0)
-    b.link(train, "lora", save_lora, "lora")
-    b.link(train, "steps", save_lora, "steps")
-    loss = b.node("LossGraphNode", [1260, 200], [330, 330], filename_prefix="d2f/loss_graph")
-    b.link(train, "loss", loss, "loss")
+    _save_lora_and_loss(b, train, 1260, "loras/d2f_sd15_lora", "d2f/loss_graph")
     pos = b.node("CLIPTextEncode", [1260, 580], [330, 130], title="Preview prompt", color="#232", bgcolor="#353",
                  text="a photo in the style of the training images")
     b.link(ckpt_node, "CLIP", pos, "clip")
@@ -258,19 +269,11 @@ def sd15_reflow(defs):
     b.link(patch, "MODEL", pairs, "model")
     b.link(pos, "CONDITIONING", pairs, "positive")
     b.link(neg, "CONDITIONING", pairs, "negative")
-    train = b.node("D2FTrain", [1260, 40], [400, 720], mode="lora", steps=1000, batch_size=4, grad_accumulation=1,
-                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
-                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
-                   optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
-                   caption_dropout=0.0, seed=0, seed__control="fixed", save_every=250, preview_every=100,
-                   run_name="d2f_sd15_reflow", resume_from="")
+    train = _d2f_train(b, [1260, 40], steps=1000, batch_size=4, save_every=250, preview_every=100,
+                       run_name="d2f_sd15_reflow")
     b.link(patch, "MODEL", train, "model")
     b.link(pairs, "couplings", train, "couplings")
-    save_lora = b.node("SaveLoRA", [1720, 40], [330, 110], prefix="loras/d2f_sd15_reflow", steps=0)
-    b.link(train, "lora", save_lora, "lora")
-    b.link(train, "steps", save_lora, "steps")
-    loss = b.node("LossGraphNode", [1720, 200], [330, 330], filename_prefix="d2f/reflow_loss_graph")
-    b.link(train, "loss", loss, "loss")
+    _save_lora_and_loss(b, train, 1720, "loras/d2f_sd15_reflow", "d2f/reflow_loss_graph")
     latent = b.node("EmptyLatentImage", [1720, 580], [330, 110], width=512, height=512, batch_size=1)
     ks = _ksampler(b, 2100, (train, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
                    steps=4, cfg=1.0)
