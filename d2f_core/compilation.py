@@ -19,6 +19,8 @@ import logging
 
 import torch
 
+from .graphs import input_key
+
 
 class CompiledNet:
     """``net(x, t, **cond)`` compiled with ``torch.compile(backend=backend, mode=mode)``.
@@ -37,10 +39,6 @@ class CompiledNet:
         self.tried: set = set()
         self.fallback_reason: str | None = None
 
-    @staticmethod
-    def _key(x, t, cond):
-        return (tuple(x.shape), x.dtype, tuple(t.shape)) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
-
     def _trial(self, x, t, cond) -> None:
         """One forward and backward on detached copies: compiles both directions; gradients are discarded."""
         out = self.compiled(x.detach().clone(), t.detach().clone(), **{k: v.detach().clone() for k, v in cond.items()})
@@ -51,7 +49,7 @@ class CompiledNet:
     def __call__(self, x, t, **cond):
         if self.fallback_reason is not None or not torch.is_grad_enabled():
             return self.net(x, t, **cond)
-        key = self._key(x, t, cond)
+        key = input_key(x, t, cond)
         if key not in self.tried:
             try:
                 self._trial(x, t, cond)

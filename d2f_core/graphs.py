@@ -14,6 +14,12 @@ import logging
 import torch
 
 
+def input_key(x, t, cond) -> tuple:
+    """What a captured graph or a static-shape compilation is specialised on: shapes and dtypes of the
+    network's inputs (one entry per resolution bucket and batch size)."""
+    return (tuple(x.shape), x.dtype, tuple(t.shape)) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
+
+
 class _Positional(torch.nn.Module):
     """The network as a module of positional tensors, owning the trainable tensors so that the
     graphed backward returns their gradients."""
@@ -40,13 +46,10 @@ class GraphedNet:
         self.eager_calls: dict = {}
         self.fallback_reason: str | None = None
 
-    def _key(self, x, t, cond):
-        return (tuple(x.shape), x.dtype, tuple(t.shape)) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
-
     def __call__(self, x, t, **cond):
         if self.fallback_reason is not None or not x.is_cuda or not torch.is_grad_enabled():
             return self.net(x, t, **cond)
-        key = self._key(x, t, cond)
+        key = input_key(x, t, cond)
         graphed = self.graphs.get(key)
         if graphed is None:
             if self.eager_calls.get(key, 0) < self.eager_first:
