@@ -65,9 +65,10 @@ def boot_host():
     return nodes
 
 
-def run_node(nodes, node_id: str, **inputs):
+def run_node(nodes, node_id: str, lists: tuple[str, ...] = (), **inputs):
     """Call a node as the executor does (V3: class clone + locked method), inputs as lists
-    (both trainers are list-input nodes), schema defaults for what is not given."""
+    (both trainers are list-input nodes; the inputs named in ``lists`` are given as lists already),
+    schema defaults for what is not given."""
     import torch
     from comfy_api.internal import make_locked_method_func
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
@@ -78,7 +79,7 @@ def run_node(nodes, node_id: str, **inputs):
             inputs[inp.id] = inp.default
     fn = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(None))
     with torch.inference_mode():
-        return fn(**{k: [v] for k, v in inputs.items()})
+        return fn(**{k: v if k in lists else [v] for k, v in inputs.items()})
 
 
 def write_unet(path: str, config: dict, device) -> None:
@@ -88,14 +89,19 @@ def write_unet(path: str, config: dict, device) -> None:
     import torch
     model_config = comfy.model_detection.model_config_from_unet_config(dict(config))
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in model_config.get_model({}).diffusion_model.state_dict().items()}
+        unet = model_config.get_model({}).diffusion_model
+        shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    # Norm scales are 1 (a zero scale, e.g. the output GroupNorm "out.0", would make the output and every
+    # gradient exactly zero). Found by module type: not every norm has "norm" in its key.
+    norms = {f"{name}.weight" for name, m in unet.named_modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(m).__name__}
     g = torch.Generator(device=device).manual_seed(0)
     sd = {}
     for k, shape in shapes.items():
         fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
         if len(shape) > 1:
             t = torch.randn(shape, generator=g, device=device) / fan_in ** 0.5
-        elif "norm" in k and k.endswith("weight"):
+        elif k in norms:
             t = torch.ones(shape, device=device)
         else:
             t = torch.zeros(shape, device=device)
