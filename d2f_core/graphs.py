@@ -20,6 +20,35 @@ def input_key(x, t, cond) -> tuple:
     return (tuple(x.shape), x.dtype, tuple(t.shape)) + tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items()))
 
 
+def release_failed_capture(device) -> None:
+    """Leave the CUDA state as it was before a capture that failed part-way.
+
+    A capture registers the device's default generator for graph-safe random offsets and releases it when
+    the capture ends. A capture that raised may never have ended: the generator then refuses every later
+    draw in the process ("Offset increment outside graph capture"), breaking other nodes' sampling. Beginning
+    and ending one empty capture on a side stream releases it again.
+    """
+    with torch.cuda.device(device):
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # the sticky error of the failed capture is reported (and cleared) by this call
+            pass
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                pass
+        except Exception as exc:
+            logging.error(f"could not end a failed CUDA-graph capture cleanly: {type(exc).__name__}: {exc}")
+        finally:
+            del graph
+        try:
+            torch.randn(1, device=device)
+            torch.cuda.synchronize()
+        except Exception as exc:
+            logging.error(f"the default CUDA generator is unusable after a failed CUDA-graph capture: {exc}. "
+                          "Restart ComfyUI before sampling, and train with cuda_graphs off.")
+
+
 class _Positional(torch.nn.Module):
     """The network as a module of positional tensors, owning the trainable tensors so that the
     graphed backward returns their gradients."""
@@ -59,14 +88,16 @@ class GraphedNet:
                 return self.net(x, t, **cond)  # too many shapes (buckets): the rest run eagerly
             keys = tuple(sorted(cond))
             module = _Positional(self.net, keys, self.params)
-            args = (x, t) + tuple(cond[k] for k in keys)
+            # The capture keeps its sample inputs as the static buffers that every replay copies into: give it
+            # copies, so that no caller's tensor (a cached label, a data tensor) is ever written by a replay.
+            args = tuple(a.detach().clone() for a in (x, t) + tuple(cond[k] for k in keys))
             try:
                 graphed = torch.cuda.make_graphed_callables(module, args, num_warmup_iters=self.warmup,
                                                             allow_unused_input=True)
             except Exception as exc:  # capture is an optimisation: never let it end a run
-                self.fallback_reason = f"{type(exc).__name__}: {exc}"
+                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 logging.warning(f"CUDA graphs off, training eagerly: {self.fallback_reason}")
-                torch.cuda.synchronize()
+                release_failed_capture(x.device)
                 return self.net(x, t, **cond)
             self.graphs[key] = graphed
         return graphed(x, t, *(cond[k] for k in sorted(cond)))

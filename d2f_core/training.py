@@ -131,6 +131,13 @@ class Trainer:
         self.compute_dtype = compute_dtype
         self.snapshot, self.restore = snapshot, restore
         self.optimizer = make_optimizer(config, params)
+        # Gradients live in persistent buffers, zeroed in place after each step, never set to None: a backward
+        # that hands out the same storage at every call (a CUDA-graph replay returns its static gradient
+        # buffers) is then added into them. Were .grad None, autograd would adopt that storage as .grad, and
+        # the next micro-batch's replay would overwrite the gradient accumulated so far.
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         self.sigma_range = (bridge.sigma_min, bridge.sigma_max)
 
     # --- one step ---------------------------------------------------------------------------------
@@ -199,10 +206,14 @@ class Trainer:
             loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
             loss.backward()
             total += loss.detach()
+            # Nothing of this micro-batch's autograd graph may outlive it: a CUDA-graph capture in the next
+            # micro-batch must not meet the parameters' AccumulateGrad nodes alive from an eager backward on
+            # another stream (the capture is then invalidated).
+            del loss
         if c.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm, foreach=True)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)
         return total
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -264,7 +275,7 @@ class Trainer:
             try:
                 pending.append(self.step(step))
             except stop_exceptions:
-                self.optimizer.zero_grad(set_to_none=True)  # the partial step's gradients, never applied
+                self.optimizer.zero_grad(set_to_none=False)  # the partial step's gradients, never applied
                 result.status = "interrupted"
                 break
             step += 1
