@@ -95,7 +95,9 @@ class FlowBridge:
         self.schedule = schedule
         self.prediction = prediction
         self.label_offset = float(label_offset)
-        self.sigmas = flow_sigma(schedule.sigmas)  # float64, increasing
+        self.sigmas = flow_sigma(schedule.sigmas)  # float64 on the CPU, increasing
+        # Read as host numbers at every training step: Python floats, so no tensor (view) is made then.
+        self._range = (float(self.sigmas[0]), float(self.sigmas[-1]))
         self._last = (None, -1, None)
 
     def __getstate__(self):  # the cache holds a live tensor: never copy or pickle it
@@ -105,11 +107,11 @@ class FlowBridge:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._range[1]
 
     def _per_sigma(self, sigma) -> _PerSigma:
         """σ-only quantities, reused while the same σ tensor comes back unchanged.

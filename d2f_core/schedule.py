@@ -158,6 +158,7 @@ class DiscreteSchedule:
         self.log_sigmas = sigmas.log()
         self.zsnr = bool(zsnr)
         self._log_list = self.log_sigmas.tolist()  # host-side scalar math (``sigma_scalar``) makes no tensor
+        self._range = (float(sigmas[0]), float(sigmas[-1]))
         self._cpu = _build_tables(sigmas, self.log_sigmas)
         self._on_device: dict = {}
 
@@ -183,11 +184,11 @@ class DiscreteSchedule:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._range[1]
 
     def _tables(self, device, dtype: torch.dtype) -> _Tables:
         """The tables in ``dtype`` on ``device``: the CPU copy itself, or a copy made once per (device, dtype)
