@@ -144,8 +144,8 @@ class DiscreteSchedule:
     ≤ ½ ulp(n) + 5.8e-7 ≤ 3.11e-5 over [σ_min, σ_max]; measured 3.068e-5, at most 1.98e-7 above ½ ulp(n)
     (``flow_label_error_bound`` computes the bound for any schedule). Against the label spacing of 1
     between table entries this is 3·10⁻⁵ of a step (the host's own integer labels are off by up to ½ a
-    step), and it is below the label gap between neighbouring float32 σ values (≥ 1.7e-4 near σ_max, where
-    fp32's σ resolution is what limits the label, DESIGN §7): the float32 label is as good as its input.
+    step), and near σ_max, where the labels are largest, it is 5× below the label gap between neighbouring
+    float32 σ values (1.6e-4 there: fp32's σ resolution, not the label math, limits the label, DESIGN §7).
     """
 
     def __init__(self, sigmas: torch.Tensor, zsnr: bool = False):
