@@ -93,7 +93,7 @@ class NaiveFlowBridge(FlowBridge):
     def label(self, sigma):
         if self.mode == "output":
             return super().label(sigma)
-        return torch.as_tensor(sigma, dtype=torch.float64) * (len(self.schedule) - 1)
+        return torch.as_tensor(sigma) * (len(self.schedule) - 1)  # in σ's precision, like the bridge
 
     def model_input(self, sigma, x):
         return x if self.mode == "full" else super().model_input(sigma, x)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .bridge import FlowBridge, vp_scale
+from .bridge import FlowBridge
 from .samplers import sample_euler_flow
 
 FORMAT = "d2f_couplings"
@@ -109,12 +110,16 @@ def solve_flow_ode(denoise: Callable, bridge: FlowBridge, noise: torch.Tensor, s
 def noise_through_start(noise: torch.Tensor, x0: torch.Tensor, sigma_start: float) -> torch.Tensor:
     """ε' = (D(σ_0)·ε - (1-σ_0)·x̂0) / σ_0: then (1-σ_0)·x̂0 + σ_0·ε' = D(σ_0)·ε, the max-denoise start.
 
-    Computed in float64, returned in ``noise.dtype``. σ_0 = 1 gives ε back (D(1) = 1).
+    The two coefficients D(σ_0)/σ_0 and (1-σ_0)/σ_0 are host numbers (Python doubles); the tensors are
+    combined in float32 or better (float64 only for float64 inputs), on their device, and returned in
+    ``noise.dtype``: no float64 is made on a device that lacks it. σ_0 = 1 gives ε back (D(1) = 1).
     """
-    s0 = torch.tensor(float(sigma_start), dtype=torch.float64)
-    if not 0.0 < float(s0) <= 1.0:
-        raise CouplingsError(f"the start time σ_0 must be in (0, 1], got {float(s0)}")
-    through = (vp_scale(s0) * noise.double() - (1 - s0) * x0.double()) / s0
+    s0 = float(sigma_start)
+    if not 0.0 < s0 <= 1.0:
+        raise CouplingsError(f"the start time σ_0 must be in (0, 1], got {s0}")
+    a, b = math.hypot(1 - s0, s0) / s0, (1 - s0) / s0
+    dtype = torch.promote_types(torch.promote_types(noise.dtype, x0.dtype), torch.float32)
+    through = a * noise.to(dtype) - b * x0.to(dtype)
     return through.to(noise.dtype)
 
 

@@ -63,6 +63,7 @@ def flow_sigmas(steps: int, sigma_max: float, shift: float = 1.0, denoise: float
         raise ValueError("shift must be positive")
     total = steps if denoise >= 1.0 else int(steps / denoise)
     t_max = sigma_max / (shift - (shift - 1) * sigma_max)
-    t = torch.linspace(t_max, 0.0, total + 1, dtype=torch.float64)
-    sigmas = shift * t / (1 + (shift - 1) * t)
-    return sigmas[-(steps + 1):].to(dtype)
+    # Host-side numbers in Python doubles (exact ends: t_max·total/total and 0), then one tensor in
+    # ``dtype``: no float64 tensor is made unless float64 is asked for.
+    t = [t_max * (total - j) / total for j in range(total - steps, total + 1)]
+    return torch.tensor([shift * v / (1 + (shift - 1) * v) for v in t], dtype=dtype)

@@ -1,4 +1,4 @@
-"""Discrete VP noise schedules in ComfyUI's VE coordinates, in float64.
+"""Discrete VP noise schedules in ComfyUI's VE coordinates: tables in float64, calls in the caller's precision.
 
 A discrete schedule is the table ``ς_n = sqrt((1 - ᾱ_n) / ᾱ_n)``, n = 0 … T-1, increasing in n.
 Between table entries the host interpolates log-linearly:
@@ -6,12 +6,14 @@ Between table entries the host interpolates log-linearly:
     ς(t) = exp((1 - w)·log ς_⌊t⌋ + w·log ς_⌈t⌉),   w = t - ⌊t⌋
 
 ``DiscreteSchedule.label`` inverts exactly that map, so a noise level between two entries gets the
-fractional label the network's sinusoidal time embedding expects, not the nearest integer.
+fractional label the network's sinusoidal time embedding expects, not the nearest integer;
+``DiscreteSchedule.flow_label`` does the same from flow time σ = ς/(1+ς) (DESIGN §2).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -51,11 +53,99 @@ def rescale_zero_terminal_snr(alphas_bar: torch.Tensor) -> torch.Tensor:
     return alphas_bar
 
 
+
+class _Tables(NamedTuple):
+    """One precision's copy of a schedule's tables (all (T,) but ``slope``, which is per segment, (T-1,)).
+
+    Breakpoints are split ``hi + lo``: ``hi`` is the entry rounded to this precision and ``lo`` the
+    rest (0 in float64), so that ``(x - hi_i) - lo_i`` is the distance to the exact entry, to within
+    one rounding of the result.
+    """
+
+    log: torch.Tensor        # log ς_n, for ς(t)
+    ve_hi: torch.Tensor      # ς_n
+    ve_lo: torch.Tensor
+    flow_hi: torch.Tensor    # σ_n = ς_n / (1 + ς_n)
+    flow_lo: torch.Tensor
+    one_minus: torch.Tensor  # 1 - σ_n = 1 / (1 + ς_n), computed without cancellation
+    slope: torch.Tensor      # W_i = 1 / (log ς_{i+1} - log ς_i)
+
+    def to(self, device) -> "_Tables":
+        return _Tables(*(t.to(device) for t in self))
+
+
+def _split(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = exact.to(dtype)
+    return hi, (exact - hi.to(torch.float64)).to(dtype)
+
+
+def _build_tables(sigmas: torch.Tensor, log: torch.Tensor) -> dict:
+    """The float64 tables and their float32 conversion, both on the CPU (computed in float64)."""
+    flow = sigmas / (1 + sigmas)
+    one_minus = 1 / (1 + sigmas)
+    slope = 1 / (log[1:] - log[:-1])
+    tables = {}
+    for dtype in (torch.float64, torch.float32):
+        ve_hi, ve_lo = _split(sigmas, dtype)
+        flow_hi, flow_lo = _split(flow, dtype)
+        tables[dtype] = _Tables(log.to(dtype), ve_hi, ve_lo, flow_hi, flow_lo, one_minus.to(dtype), slope.to(dtype))
+    return tables
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision a per-call computation on ``x`` runs in: float64 for a float64 tensor (only a caller's
+    own float64 can ask for it), float32 for everything else (float32, and half types promoted)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class DiscreteSchedule:
     """The VE sigma table of a discrete VP model, with its exact inverse.
 
-    ``sigmas``: float64, shape (T,), increasing. ``zsnr``: whether the last entry is (numerically)
-    zero terminal SNR, where ε-prediction is ill-posed.
+    ``sigmas``: float64 on the CPU, shape (T,), increasing. ``zsnr``: whether the last entry is
+    (numerically) zero terminal SNR, where ε-prediction is ill-posed.
+
+    Precision and devices. The tables are built once, in float64 on the CPU (exact), and kept on the CPU
+    in float64 and in float32. A call computes in the precision of its argument (``compute_dtype``):
+    float64 for a float64 tensor (unit tests, host-side checks), float32 otherwise (the host hands σ in
+    float32, always). A device gets its own copy of one precision's tables, converted on the CPU before
+    the copy: no float64 tensor is ever made on a device unless the caller's argument was float64 there,
+    which a device without float64 (Apple MPS) cannot hand over.
+
+    Label accuracy in float32 (``flow_label``; proved by exhaustion over every float32 σ of the SD
+    schedule in tests/test_devices.py). Notation: u = 2⁻²⁴ (float32 unit roundoff), fl(·) one float32
+    rounding, |fl(a∘b) - a∘b| ≤ u·|a∘b|. On segment i (σ_i ≤ σ ≤ σ_{i+1}) the label is
+
+        n = i + W_i·Δ,   Δ = log ς - log ς_i = log1p(d/σ_i) - log1p(-d/(1-σ_i)),   d = σ - σ_i,
+
+    using log ς = log σ - log(1-σ). This replaces the affine form C_i + W_i·log ς, C_i = i - W_i·log ς_i,
+    whose float32 error is dominated by rounding log ς itself (|log ς| up to 3.6, one ulp 2.4e-7) and ς =
+    σ/(1-σ) (2u relative), amplified by W_i (up to 305 on SD): ≈ 1e-4 measured. Term by term for float32 σ
+    against the float64 label of the same σ:
+
+    1. d = fl((σ - hi_i) - lo_i): σ - hi_i is exact (Sterbenz: hi_i ≤ σ ≤ hi_{i+1} ≤ 2·hi_i, as σ_{i+1}/σ_i
+       ≤ 1.40 on SD), so d = d*(1 + δ₁); hi_i + lo_i equals σ_i to u²·σ_i.
+    2. q₁ = fl(d/hi_i), q₂ = fl(d/fl(1-σ_i)): one rounding of the quotient and one of the divisor each,
+       so q = q*(1 + θ), |θ| ≤ 3u.
+    3. log1p(q) with q = q*(1+θ) moves by q*θ/(1+q*), i.e. by κ·θ relative, κ = q/((1+q)·log1p(q)) (κ ≤ 1
+       for q ≥ 0; ≤ 1.006 for -q₂ on SD); log1p itself adds ≤ k ulp = 2k·u relative (k = 1 for the CPU's
+       SLEEF log1pf_u10 and CUDA's log1pf).
+    4. Δ = fl(log1p(q₁) - log1p(-q₂)): both terms have the sign of d, so the difference adds magnitudes:
+       no cancellation, one more rounding u. Relative error of Δ ≤ (3κ + 2k + 1)·u.
+    5. f = fl(fl(W_i)·Δ): two more roundings. |f - f*| ≤ (3κ + 2k + 3)·u·|f*|, |f*| ≤ 1.
+    6. n = fl(i + f) (addcmul; fused or not, the bound holds): ≤ ½ ulp(n), i.e. ≤ 2^(⌊log₂ n⌋ - 24),
+       2⁻¹⁵ = 3.05e-5 for 512 ≤ n < 1024. This is the resolution of a float32 label, unavoidable.
+    7. Segment choice: i is found among the float32 breakpoints hi_j, so a σ between hi_j and σ_j is
+       evaluated on the neighbouring segment's affine piece (in log ς), extended by at most
+       |lo_j|/(σ_j(1-σ_j)) in log ς; the pieces meet at the breakpoint, so the error is at most
+       E_seg = max_j |lo_j|/(σ_j(1-σ_j))·|W_j - W_{j-1}| (1.07e-7 on SD, from its steepest slope change
+       at the bottom).
+
+    Total: |n₃₂ - n₆₄| ≤ ½ ulp(n) + (3κ + 2k + 3)·u + E_seg (first order in u). On the SD schedule, k = 1:
+    ≤ ½ ulp(n) + 5.8e-7 ≤ 3.11e-5 over [σ_min, σ_max]; measured 3.068e-5, at most 1.98e-7 above ½ ulp(n)
+    (``flow_label_error_bound`` computes the bound for any schedule). Against the label spacing of 1
+    between table entries this is 3·10⁻⁵ of a step (the host's own integer labels are off by up to ½ a
+    step), and near σ_max, where the labels are largest, it is 5× below the label gap between neighbouring
+    float32 σ values (1.6e-4 there: fp32's σ resolution, not the label math, limits the label, DESIGN §7).
     """
 
     def __init__(self, sigmas: torch.Tensor, zsnr: bool = False):
@@ -67,6 +157,9 @@ class DiscreteSchedule:
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
         self.zsnr = bool(zsnr)
+        self._log_list = self.log_sigmas.tolist()  # host-side scalar math (``sigma_scalar``) makes no tensor
+        self._range = (float(sigmas[0]), float(sigmas[-1]))
+        self._cpu = _build_tables(sigmas, self.log_sigmas)
         self._on_device: dict = {}
 
     @classmethod
@@ -91,47 +184,102 @@ class DiscreteSchedule:
 
     @property
     def sigma_min(self) -> float:
-        return float(self.sigmas[0])
+        return self._range[0]
 
     @property
     def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+        return self._range[1]
 
-    def _log_table(self, device) -> torch.Tensor:
-        return self._tables(device)[0]
-
-    def _tables(self, device):
-        """(log ς table, interior breakpoints, per-segment slope W_i, intercept C_i) on ``device``.
-
-        Made once per device: a host→device copy per sampler step would be a host sync.
-        """
-        key = str(device)
+    def _tables(self, device, dtype: torch.dtype) -> _Tables:
+        """The tables in ``dtype`` on ``device``: the CPU copy itself, or a copy made once per (device, dtype)
+        from the CPU copy already in ``dtype`` (a host→device copy per sampler step would be a host sync,
+        and converting after the move would make float64 on the device)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self._cpu[dtype]
+        key = (str(device), dtype)
         if key not in self._on_device:
-            log = self.log_sigmas
-            slope = 1.0 / (log[1:] - log[:-1])
-            intercept = torch.arange(len(log) - 1, dtype=torch.float64) - log[:-1] * slope
-            self._on_device[key] = tuple(t.to(device) for t in (log, log[1:-1].contiguous(), slope, intercept))
+            self._on_device[key] = self._cpu[dtype].to(device)
         return self._on_device[key]
 
-    def label(self, ve_sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional table index n with ς(n) = ``ve_sigma``, inverting the log-linear interpolation.
+    def _segment_label(self, x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, slope: torch.Tensor, delta) -> torch.Tensor:
+        """n = i + W_i·Δ(x, i) on the segment i of the breakpoints hi (+ lo) holding x, clamped to [0, T-1].
 
-        On segment i (log ς_i ≤ log ς ≤ log ς_{i+1}): n = i + (log ς - log ς_i)/(log ς_{i+1} - log ς_i),
-        evaluated as C_i + W_i·log ς from per-segment tables. Clamped to [0, T-1] outside the table
-        (the network never saw labels beyond it). float64 result.
+        ``x`` is clamped to [hi_0, hi_{T-1}] first (the network never saw labels beyond the table); with
+        ``right=True`` every x has hi_i ≤ x, so x - hi_i is exact (see the class docstring). No host sync:
+        searchsorted and gathers only."""
+        x = x.clamp(hi[0], hi[-1])
+        i = torch.searchsorted(hi[1:-1], x.contiguous(), right=True)
+        d = (x - hi[i]) - lo[i]
+        return torch.addcmul(i.to(x.dtype), delta(d, i), slope[i]).clamp(0, len(hi) - 1)
+
+    def label(self, ve_sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional table index n with ς(n) = ``ve_sigma``, inverting the log-linear interpolation:
+
+            n = i + W_i·log(ς/ς_i) = i + W_i·log1p((ς - ς_i)/ς_i)     on segment i (ς_i ≤ ς ≤ ς_{i+1})
+
+        In the precision of ``ve_sigma`` (float64, else float32), on its device; clamped to [0, T-1].
         """
         ve_sigma = torch.as_tensor(ve_sigma)
-        log, inner, slope, intercept = self._tables(ve_sigma.device)
-        log_sigma = ve_sigma.to(torch.float64).log().clamp(log[0], log[-1])
-        i = torch.searchsorted(inner, log_sigma.contiguous())
-        return torch.addcmul(intercept[i], log_sigma, slope[i])
+        dtype = compute_dtype(ve_sigma)
+        t = self._tables(ve_sigma.device, dtype)
+        return self._segment_label(ve_sigma.to(dtype), t.ve_hi, t.ve_lo, t.slope,
+                                   lambda d, i: torch.log1p(d / t.ve_hi[i]))
+
+    def flow_label(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The label of flow time σ (ς = σ/(1-σ)) without forming ς, the form whose float32 error is bounded
+        in the class docstring:
+
+            n = i + W_i·(log1p(d/σ_i) - log1p(-d/(1-σ_i))),   d = σ - σ_i,   σ_i = ς_i/(1+ς_i)
+
+        In the precision of ``sigma`` (float64, else float32), on its device; clamped to [0, T-1].
+        """
+        sigma = torch.as_tensor(sigma)
+        dtype = compute_dtype(sigma)
+        t = self._tables(sigma.device, dtype)
+
+        def delta(d, i):  # log ς - log ς_i = log(σ/σ_i) - log((1-σ)/(1-σ_i)); both terms carry d's sign
+            return torch.log1p(d / t.flow_hi[i]) - torch.log1p(-d / t.one_minus[i])
+        return self._segment_label(sigma.to(dtype), t.flow_hi, t.flow_lo, t.slope, delta)
 
     def sigma(self, label: torch.Tensor) -> torch.Tensor:
-        """ς(t) by log-linear interpolation of the table (the host's ``ModelSamplingDiscrete.sigma``)."""
-        label = torch.as_tensor(label, dtype=torch.float64)
-        table = self._log_table(label.device)
-        t = label.clamp(0, len(table) - 1)
+        """ς(t) by log-linear interpolation of the table (the host's ``ModelSamplingDiscrete.sigma``), in the
+        precision of ``label`` (float64, else float32), on its device."""
+        label = torch.as_tensor(label)
+        dtype = compute_dtype(label)
+        table = self._tables(label.device, dtype).log
+        t = label.to(dtype).clamp(0, len(table) - 1)
         lo = t.floor().long()
         hi = t.ceil().long()
-        w = t - lo.to(torch.float64)
+        w = t - lo.to(dtype)
         return ((1 - w) * table[lo] + w * table[hi]).exp()
+
+    def sigma_scalar(self, label: float) -> float:
+        """ς(t) for one host-side number, in Python floats (double precision, no tensor made)."""
+        t = min(max(float(label), 0.0), len(self._log_list) - 1.0)
+        lo, hi = math.floor(t), math.ceil(t)
+        w = t - lo
+        return math.exp((1 - w) * self._log_list[lo] + w * self._log_list[hi])
+
+    def flow_label_error_bound(self, log1p_ulps: float = 1.0) -> dict:
+        """The a-priori bound of the class docstring for float32 ``flow_label`` against float64, as
+        ``{"half_ulp_max", "rounding", "segment", "total", "kappa"}``: |n₃₂ - n₆₄| ≤ ½ ulp(n) + rounding +
+        segment ≤ total, for σ in [σ_min, σ_max], when consecutive σ_i are within a factor 2 (Sterbenz;
+        ``sterbenz`` says whether they are)."""
+        u = 2.0 ** -24
+        t = self._cpu[torch.float64]
+        sig, om, w = t.flow_hi, t.one_minus, t.slope
+        gap = sig[1:] - sig[:-1]
+
+        def kappa(q):  # q/((1+q)·log1p(q)), the relative sensitivity of log1p at q (→ 1 as q → 0)
+            return (q / ((1 + q) * torch.log1p(q))).max().item()
+        k = max(kappa(gap / sig[:-1]), kappa(-gap / om[:-1]))
+        lo = (sig - sig.float().double()).abs()
+        j = torch.arange(1, len(sig) - 1)
+        segment = (lo[j] / (sig[j] * om[j]) * (w[j] - w[j - 1]).abs()).max().item() if len(j) else 0.0
+        m = 3 * k + 2 * log1p_ulps + 3
+        rounding = m * u / (1 - m * u)
+        half_ulp_max = 2.0 ** (math.floor(math.log2(len(sig) - 1)) - 24) if len(sig) > 2 else 2.0 ** -24
+        return {"half_ulp_max": half_ulp_max, "rounding": rounding, "segment": segment, "kappa": k,
+                "total": half_ulp_max + rounding + segment,
+                "sterbenz": bool((sig[1:] <= 2 * sig[:-1]).all())}

@@ -28,6 +28,8 @@ class FlowBridgeSampling(ms.CONST, torch.nn.Module):
         self.base = base
         self.bridge = bridge
         self.prediction = bridge.prediction
+        # float32 like the host's own ModelSamplingDiscrete buffers (schedulers read ``sigmas``; the module
+        # moves with the model, so a float64 buffer would be float64 on the device). Rounded from float64.
         self.register_buffer("sigmas", bridge.sigmas.float())
         self.register_buffer("log_sigmas", bridge.sigmas.log().float())
 
@@ -39,7 +41,7 @@ class FlowBridgeSampling(ms.CONST, torch.nn.Module):
     def sigma_max(self):
         return self.sigmas[-1]
 
-    def timestep(self, sigma):
+    def timestep(self, sigma):  # computed in σ's precision (float32 from the host): no float64 on the device
         return self.bridge.label(sigma).to(torch.float32)
 
     def sigma(self, timestep):
@@ -51,7 +53,8 @@ class FlowBridgeSampling(ms.CONST, torch.nn.Module):
         if percent >= 1.0:
             return 0.0
         schedule = self.bridge.schedule
-        return float(flow_sigma(schedule.sigma(torch.tensor((1.0 - percent) * (len(schedule) - 1)))))
+        # Host-side (cond timestep ranges, at the start of sampling): Python doubles, no tensor made.
+        return flow_sigma(schedule.sigma_scalar((1.0 - percent) * (len(schedule) - 1)))
 
     def calculate_input(self, sigma, noise):
         return self.bridge.model_input(sigma, noise)

@@ -37,7 +37,9 @@ def test_label_at_table_entries_is_the_integer_index():
 def test_label_offset_shifts_labels_and_inverts():
     bridge = FlowBridge(SD, "eps", label_offset=1)
     assert float(bridge.label(bridge.sigmas[500])) == pytest.approx(501, abs=1e-9)
-    assert float(bridge.sigma_at(torch.tensor(501.0))) == pytest.approx(float(bridge.sigmas[500]), rel=1e-12)
+    # In the label's precision: float64 in, float64 math; a float32 label gets float32 math.
+    assert float(bridge.sigma_at(torch.tensor(501.0, dtype=torch.float64))) == pytest.approx(float(bridge.sigmas[500]), rel=1e-12)
+    assert float(bridge.sigma_at(torch.tensor(501.0))) == pytest.approx(float(bridge.sigmas[500]), rel=1e-6)
 
 
 def test_label_clamps_outside_the_table_without_nan():
