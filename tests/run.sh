@@ -20,7 +20,7 @@ else
     [ -x "$repo/.venv-test/bin/python" ] || python3 -m venv "$repo/.venv-test"
     py=$repo/.venv-test/bin/python
 fi
-"$py" -m pip install -q torch numpy safetensors einops pytest 2>&1 | grep -v "is ignored" || true
+"$py" -m pip install -q torch numpy safetensors einops pillow tqdm pytest 2>&1 | grep -v "is ignored" || true
 # browser tests (tests/test_browser.py): Debian's Chromium + the Playwright driver; never downloads a browser
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== installing chromium for the browser tests"
