@@ -371,6 +371,76 @@ def test_d2f_run_executes_the_txt2img_workflow(host, example_files, tmp_path):
     assert "[1/" in proc.stderr and "|" in proc.stderr and "2/2" in proc.stderr, proc.stderr[-2000:]
 
 
+# A sitecustomize that makes the modules in $D2F_TEST_BLOCK unimportable, as in the venv `pip install .`
+# makes for `d2f demo` (it has torch but none of ComfyUI's own packages), except in the process `d2f run`
+# re-executes under the host's Python (it sets D2F_RUN_REEXEC there).
+BLOCKER = """
+import os, sys
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in os.environ.get("D2F_TEST_BLOCK", "").split(","):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+if not os.environ.get("D2F_RUN_REEXEC"):
+    sys.meta_path.insert(0, _Block())
+"""
+
+
+def _d2f_run(args, tmp_path, block="psutil", cwd=PACK_DIR, **env):
+    """``python -m d2f_core run ARGS`` in a fresh process whose Python cannot import ``block``."""
+    (tmp_path / "blocker").mkdir(exist_ok=True)
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    base = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "D2F_RUN_REEXEC")}
+    env = {**base, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), PACK_DIR]), "D2F_TEST_BLOCK": block, **env}
+    return subprocess.run([sys.executable, "-m", "d2f_core", "run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_d2f_run_reexecutes_under_the_host_python(host, example_files, tmp_path):
+    """From a Python that lacks ComfyUI's packages (psutil blocked), ``d2f run`` finds the host's venv
+    and runs there: the dry run converts and validates the workflow in the host."""
+    from d2f_host.host import host_python
+
+    python = host_python(host.path)
+    if python is None:
+        pytest.skip(f"{host.path} has no .venv/ or venv/ for d2f run to re-execute under")
+    yaml_path = tmp_path / "models.yaml"
+    yaml_path.write_text(json.dumps({"d2f_test": {"base_path": os.path.dirname(example_files["checkpoints"]),
+                                                  "checkpoints": "checkpoints"}}))
+    proc = _d2f_run([path_of("d2f_sd15_txt2img"), "--comfyui", host.path, "--extra-model-paths", str(yaml_path),
+                     "--cpu", "--no-custom-nodes", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert f"lacks ComfyUI's packages (psutil); running under {python}" in proc.stderr, proc.stderr[-3000:]
+    prompt = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert {e["class_type"] for e in prompt.values()} >= {"D2FFlowPatch", "KSampler"}
+
+
+@pytest.mark.parametrize("case", ["no host", "host without a venv"])
+def test_d2f_run_says_what_to_do_in_one_line(case, tmp_path):
+    """No traceback: without a host, or with a host whose Python cannot be found, one line says what to do."""
+    home = tmp_path / "home"
+    home.mkdir()
+    args = [path_of("d2f_sd15_txt2img")]
+    if case == "host without a venv":
+        fake = tmp_path / "ComfyUI"
+        fake.mkdir()
+        for f in ("main.py", "nodes.py", "execution.py", "folder_paths.py"):
+            (fake / f).write_text("")
+        (fake / "requirements.txt").write_text("torch\npsutil\n")
+        args += ["--comfyui", str(fake)]
+    proc = _d2f_run(args, tmp_path, cwd=str(tmp_path), HOME=str(home))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("d2f run: "), proc.stderr
+    if case == "no host":
+        assert "no ComfyUI found" in lines[0] and "COMFYUI_PATH" in lines[0] and "--comfyui" in lines[0]
+        assert "git clone" in lines[0] and "requirements.txt" in lines[0]
+    else:
+        assert "cannot import ComfyUI's packages (psutil)" in lines[0] and "pass --python" in lines[0]
+
+
 def test_d2f_run_reports_a_bad_override(host, example_files, tmp_path):
     from d2f_core.cli import main
 
