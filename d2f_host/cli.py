@@ -74,8 +74,9 @@ def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser
     try:
         comfyui, _ = find_comfyui(args.comfyui)
     except FileNotFoundError as exc:
-        parser.exit(2, f"d2f run: {exc}. To make one (the version tested): git clone --branch v0.33.0 https://github.com/comfyanonymous/ComfyUI ~/ComfyUI"
-                       " && cd ~/ComfyUI && python3 -m venv .venv && .venv/bin/pip install -r requirements.txt\n")
+        parser.exit(2, f"d2f run: {exc}. To make one (the version tested): git clone --branch v0.33.0 "
+                       "https://github.com/comfyanonymous/ComfyUI ~/ComfyUI && cd ~/ComfyUI && python3 -m venv .venv "
+                       "&& .venv/bin/pip install -r requirements.txt\n")
     if args.python and not os.access(args.python, os.X_OK):
         parser.exit(2, f"d2f run: --python {args.python} is not an executable file\n")
     missing = missing_modules(comfyui)
