@@ -35,7 +35,8 @@ PACK_DIR = comfy_host.PACK_DIR
 WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOW_FILES]
-PACK_NODE_TYPES = {"D2FFlowPatch", "D2FFlowScheduler", "D2FEulerFlowSampler", "D2FRescaleCFG", "D2FTrain"}
+PACK_NODE_TYPES = {"D2FFlowPatch", "D2FFlowScheduler", "D2FEulerFlowSampler", "D2FRescaleCFG", "D2FTrain",
+                   "D2FReflowPairs", "D2FLoadReflowPairs"}
 
 # Per workflow, on top of TINY: the v-pred workflow runs on the same tiny SDXL file as the ε one (its
 # v-prediction comes from ModelSamplingDiscrete, not from the file), so the shared executor's cache
@@ -73,6 +74,42 @@ def test_every_example_is_shipped_with_a_thumbnail():
         notes = [n for n in data["nodes"] if n["type"] in ("Note", "MarkdownNote")]
         assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), f"{name}: needs an explanatory Note"
         assert PACK_NODE_TYPES & {n["type"] for n in data["nodes"]}, f"{name} uses none of the pack's nodes"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_sits_inside_its_group_and_on_no_other_node(name):
+    """As the frontend draws the file: each node (title bar included, at least as tall as its widget and
+    socket rows make it, whatever size was saved) lies inside exactly one group's body, below the group's
+    title, touches no other group, and overlaps no other node. Groups overlap no other group."""
+    data = wf.load(path_of(name))
+    groups = {g["title"]: wf.group_body(g) for g in data["groups"]}
+    assert groups, f"{name}: no groups"
+    titles = list(groups)
+    for i, a in enumerate(titles):
+        for b in titles[i + 1:]:
+            assert not wf.rects_overlap(groups[a], groups[b]), f"{name}: groups {a!r} and {b!r} overlap"
+    rects = {f"{n['id']} {n.get('title') or n['type']}": wf.node_rect(n) for n in data["nodes"]}
+    for label, rect in rects.items():
+        inside = [t for t, body in groups.items() if wf.rect_inside(rect, body)]
+        touched = [t for t, body in groups.items() if wf.rects_overlap(rect, body)]
+        assert len(inside) == 1 and touched == inside, (
+            f"{name}: node {label} at {rect} is inside {inside}, touches {touched}; groups: {groups}")
+    labels = list(rects)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            assert not wf.rects_overlap(rects[a], rects[b]), f"{name}: nodes {a} {rects[a]} and {b} {rects[b]} overlap"
+
+
+def test_drawn_height_counts_widget_and_socket_rows():
+    """A D2FTrain saved 720 px tall is drawn at least 35 rows tall (30 widgets, 5 input sockets); a Note
+    keeps its saved size."""
+    train = {"pos": [0, 100], "size": [400, 720], "widgets_values": [0] * 30,
+             "inputs": [{"name": f"i{k}", "link": None} for k in range(5)] + [{"name": "steps", "widget": {}}],
+             "outputs": [{"name": f"o{k}"} for k in range(4)]}
+    left, top, right, bottom = wf.node_rect(train)
+    assert (left, top, right) == (0, 100 - wf.NODE_TITLE_HEIGHT, 400) and bottom - 100 >= 35 * 24
+    note = {"pos": [0, 0], "size": [360, 560], "widgets_values": ["text"], "inputs": [], "outputs": []}
+    assert wf.node_rect(note)[3] == 560
 
 
 def _tiny_graph():
