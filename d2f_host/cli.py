@@ -83,8 +83,9 @@ def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser
     this = os.path.abspath(sys.executable)
     if os.environ.get(REEXEC_ENV) or (not missing and (not args.python or os.path.abspath(args.python) == this)):
         if missing:  # already re-executed, or asked for this Python: the one to fix is this one
+            requirements = os.path.join(comfyui, "requirements.txt")
             parser.exit(2, f"d2f run: {sys.executable} cannot import ComfyUI's packages ({_names(missing)}); "
-                           f"install them ({sys.executable} -m pip install -r {os.path.join(comfyui, 'requirements.txt')}) "
+                           f"install them ({sys.executable} -m pip install -r {requirements}) "
                            "or pass --python with the Python that runs ComfyUI\n")
         return
     python = args.python or host_python(comfyui)
@@ -104,6 +105,12 @@ def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser
     if os.name == "posix":
         os.execve(python, cmd, env)
     sys.exit(subprocess.call(cmd, env=env))
+
+
+def _shown(path: str) -> str:
+    """A path under the current directory relative to it (as the user typed --output), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
 
 
 def _names(modules: list[str]) -> str:
@@ -154,5 +161,5 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser):
                        f"{err.get('exception_type', '')}: {err.get('exception_message', 'interrupted')}\n")
     print(f"d2f run: done in {result.seconds:.1f} s")
     for path in result.files:
-        print(f"  wrote {path}")
+        print(f"  wrote {_shown(path)}")
     return 0

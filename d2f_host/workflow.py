@@ -598,10 +598,12 @@ class WorkflowBuilder:
     def group(self, title: str, members, color="#3f789e"):
         """A group around ``members`` (nodes already placed), padded, with room for its title bar."""
         rects = [node_rect(n) for n in members]
-        left, top = min(r[0] for r in rects) - GROUP_PADDING, min(r[1] for r in rects) - GROUP_PADDING - GROUP_TITLE_HEIGHT
-        right, bottom = max(r[2] for r in rects) + GROUP_PADDING, max(r[3] for r in rects) + GROUP_PADDING
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left, bottom - top],
-                            "color": color, "font_size": 24, "flags": {}})
+        left = min(r[0] for r in rects) - GROUP_PADDING
+        top = min(r[1] for r in rects) - GROUP_PADDING - GROUP_TITLE_HEIGHT
+        right = max(r[2] for r in rects) + GROUP_PADDING
+        bottom = max(r[3] for r in rects) + GROUP_PADDING
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "color": color, "font_size": 24, "flags": {},
+                            "bounding": [left, top, right - left, bottom - top]})
 
     def to_json(self, extra: dict | None = None) -> dict:
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
