@@ -5,8 +5,9 @@ Subcommands:
          zero-shot flow Euler sampler give the same samples, fine-tune them (Diff2Flow, + scheduled
          sampling, + Reflow) and print a few-step quality table.
 
-Each subcommand is an ``(add_arguments, handler(args, parser), help)`` entry in ``COMMANDS``; a future
-``run`` (training / sampling from a config) registers the same way.
+  run    execute a ComfyUI workflow JSON headlessly in a ComfyUI install (``d2f_host.cli``).
+
+Each subcommand is an ``(add_arguments, handler(args, parser), help)`` entry in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point; returns the process exit status (results go to stdout and the --out folder)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `d2f run` re-executes itself with them under the host's Python
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

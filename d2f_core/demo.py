@@ -38,6 +38,10 @@
    space never sees a generated sample); ``d2f_core.metrics``. Also in results.json: the same distance in
    a fixed random-conv feature space. Rows are (model, method), columns step counts.
 6. A PNG grid, one labelled row per (model, method, steps), the same noise in every column.
+
+Each phase prints its wall time as it ends, and the run its total (``PhaseClock``): the same demo takes
+≈ 4 min on an otherwise idle 2-core machine and more than twice that when other work shares the cores,
+so the times say where a slow run went.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ import copy
 import json
 import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .bridge import FlowBridge, flow_sigma
 from .couplings import noise_through_start
@@ -59,7 +66,6 @@ from .datasets import digits_tensor, split_indices
 from .losses import training_loss
 from .metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance  # noqa: F401  (re-exported)
 from .png import image_grid, to_uint8, write_png
-from .progress import ProgressBar
 from .samplers import sample_ddim, sample_euler_flow
 from .schedule import DiscreteSchedule
 from .scheduled_sampling import ScheduledSampling
@@ -137,6 +143,34 @@ class DemoConfig:
         return replace(base, **overrides)
 
 
+# --- progress and phase times ----------------------------------------------------------------------
+def progress_bar(total: int, desc: str) -> tqdm:
+    """A tqdm bar on stderr, so the results on stdout stay clean to redirect; on a terminal it redraws
+    in place, in a log it writes a line at most every few seconds."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=tty, mininterval=0.1 if tty else 5.0,
+                leave=True)
+
+
+class PhaseClock:
+    """Wall time per demo phase, logged as each phase ends, and the total since the clock started."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+        self.log(f"[time] {name}: {self.seconds[name]:.1f} s")
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
 # --- schedule grids --------------------------------------------------------------------------------
 def simple_labels(steps: int, timesteps: int = 1000) -> list[int]:
     """The host's ``simple`` scheduler as integer labels: n_i = T-1 - ⌊T·i/k⌋, i = 0 … k-1.
@@ -169,7 +203,7 @@ def train_native(net: TinyUNet, bridge: FlowBridge, x_train: torch.Tensor, cfg: 
     ema_params, params = list(ema.parameters()), list(net.parameters())
     t0 = time.perf_counter()
     losses = []
-    with ProgressBar(cfg.steps_train, desc) as bar:
+    with progress_bar(cfg.steps_train, desc) as bar:
         for step in range(cfg.steps_train):
             idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g)
             x0 = x_train[idx]
@@ -188,7 +222,8 @@ def train_native(net: TinyUNet, bridge: FlowBridge, x_train: torch.Tensor, cfg: 
                 for p_ema, p in zip(ema_params, params):
                     p_ema.lerp_(p, 1 - decay)
             losses.append(float(loss.detach()))
-            bar.update(1, loss=sum(losses[-50:]) / len(losses[-50:]))
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4g}", refresh=False)
+            bar.update(1)
     tail = losses[-max(1, len(losses) // 10):]
     return ema, {"seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail), "first_loss": losses[0]}
 
@@ -272,9 +307,10 @@ def finetune(net, bridge: FlowBridge, data: LatentBuckets, config: TrainConfig, 
     """
     net = copy.deepcopy(net).train().requires_grad_(True)
     trainer = Trainer(net, bridge, list(net.parameters()), data, config)
-    with ProgressBar(config.steps, desc) as bar:
+    with progress_bar(config.steps, desc) as bar:
         def progress(step, losses, _rate):
-            bar.update(len(losses), loss=sum(losses) / len(losses))
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4g}", refresh=False)
+            bar.update(len(losses))
         result = trainer.run(on_progress=progress, preview_every=eval_every if on_eval else 0,
                              on_preview=(lambda step: on_eval(step, net)) if on_eval else None)
     net.eval().requires_grad_(False)
@@ -351,24 +387,25 @@ def finetune_variants(net, bridge: FlowBridge, x_train: torch.Tensor, cfg: DemoC
 def run_demo(cfg: DemoConfig | None = None, out: str | os.PathLike = "d2f-demo-out", log=print) -> dict:
     """Run the whole demo; returns a JSON-ready results dict (also written to ``out/results.json``)."""
     cfg = (DemoConfig() if cfg is None else cfg).validate()
-    t_start = time.perf_counter()
+    clock = PhaseClock(log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prev_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, out, log, t_start)
+        return _run(cfg, out, log, clock)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
+def _run(cfg: DemoConfig, out: Path, log, clock: PhaseClock) -> dict:
     torch.manual_seed(cfg.seed)
-    images, _ = digits_tensor(cfg.size)
-    train_idx, held_idx = split_indices(len(images), cfg.held_out, cfg.seed)
-    x_train, x_held = images[train_idx], images[held_idx]
-    schedule = DiscreteSchedule.stable_diffusion()
+    with clock.phase("data"):
+        images, _ = digits_tensor(cfg.size)
+        train_idx, held_idx = split_indices(len(images), cfg.held_out, cfg.seed)
+        x_train, x_held = images[train_idx], images[held_idx]
+        schedule = DiscreteSchedule.stable_diffusion()
     log(f"d2f demo: {len(x_train)} train / {len(x_held)} held-out digits at {cfg.size}x{cfg.size}, "
         f"SD schedule (T={len(schedule)}, sigma_flow in [{flow_sigma(schedule.sigma_min):.6f}, "
         f"{flow_sigma(schedule.sigma_max):.6f}]), {cfg.steps_train} steps x batch {cfg.batch_size} per model, "
@@ -383,7 +420,8 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         torch.manual_seed(cfg.seed)  # both models start from the same weights and see the same batches
         net = TinyUNet(in_channels=1, channels=cfg.channels)
         results["params"] = count_parameters(net)
-        ema, stats = train_native(net, bridge, x_train, cfg, f"train {name:<3}", seed=cfg.seed + 1)
+        with clock.phase(f"training {name}-model"):
+            ema, stats = train_native(net, bridge, x_train, cfg, f"train {name:<3}", seed=cfg.seed + 1)
         ema.eval()
         results["train"][name] = stats
         log(f"  {name}-model ({prediction}, {results['params']:,} params): native loss "
@@ -391,7 +429,8 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         natives.append((name, ema, bridge))
     if cfg.finetune:
         for name, ema, bridge in natives:
-            rows_ft, stats = finetune_variants(ema, bridge, x_train, cfg, seed=cfg.seed + 5, name=name)
+            with clock.phase(f"fine-tuning {name}-model (Diff2Flow, + scheduled sampling, + Reflow)"):
+                rows_ft, stats = finetune_variants(ema, bridge, x_train, cfg, seed=cfg.seed + 5, name=name)
             results["finetune"][name] = stats
             finetuned += [(name, row, tag, net, bridge) for row, tag, net in rows_ft]
             log(f"  {name}-model fine-tunes: " + "; ".join(
@@ -400,21 +439,21 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
                 + f" (+ {stats[FT_REFLOW]['pairs']} couplings in {stats[FT_REFLOW]['coupling_seconds']:.1f}s)")
 
     noise = torch.randn((cfg.n_samples, 1, cfg.size, cfg.size), generator=torch.Generator().manual_seed(cfg.seed + 2))
-    metric = PixelPCAFrechet(x_train, cfg.pca_dim)
-    conv_metric = RandomConvFrechet(x_train)
-    ref_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed + 3))[:cfg.n_samples]
-    reference_fd = metric.distance(x_train[ref_idx], x_held)
-    reference_fd_conv = conv_metric.distance(x_train[ref_idx], x_held)
+    with clock.phase("feature spaces for the Frechet distance"):
+        metric = PixelPCAFrechet(x_train, cfg.pca_dim)
+        conv_metric = RandomConvFrechet(x_train)
+        ref_idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed + 3))[:cfg.n_samples]
+        reference_fd = metric.distance(x_train[ref_idx], x_held)
+        reference_fd_conv = conv_metric.distance(x_train[ref_idx], x_held)
 
     def add_row(name, row_name, tag, solver, steps, x):
         return {"model": name, "sampler": row_name, "tag": tag, "solver": solver, "steps": steps,
                 "fd": metric.distance(x, x_held), "fd_random_conv": conv_metric.distance(x, x_held), "samples": x}
 
-    t_sample = time.perf_counter()
     rows, equivalence = [], []
     nets64 = {name: copy.deepcopy(net).double() for name, net, _ in natives}
     total = (len(natives) * (len(SAMPLERS) + 2) + len(finetuned)) * sum(cfg.sample_steps)
-    with ProgressBar(total, "sample   ") as bar:
+    with clock.phase("sampling and scoring"), progress_bar(total, "sample") as bar:
         for name, net, bridge in natives:
             for steps in cfg.sample_steps:
                 labels = simple_labels(steps, len(schedule))
@@ -443,28 +482,29 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
                     x = sample_flow_euler(ft_net, ft_bridge, noise, simple_labels(steps, len(schedule)))
                     rows.append(add_row(name, row_name, tag, FLOW_EULER, steps, x))
                     bar.update(steps)
-    sample_seconds = time.perf_counter() - t_sample
 
-    log("")
-    log(_equivalence_table(equivalence, cfg.sample_steps))
-    log("")
-    header = (f"Few-step quality: Frechet distance in a {metric.k}-dim pixel-PCA space (top PCs of the "
-              f"{len(x_train)} training digits, {100 * metric.explained:.0f}% of pixel variance), "
-              f"{cfg.n_samples} generated vs {len(x_held)} held-out real digits; lower is better. Same noise and "
-              f"'simple' label grid in every row; fine-tuned rows are sampled with flow Euler.\n"
-              f"Reference, {cfg.n_samples} real training digits vs the same held-out set: {reference_fd:.3f}")
-    log(header)
-    table_md = _quality_table(rows, cfg.sample_steps)
-    log(table_md)
+    with clock.phase("tables"):
+        log("")
+        log(_equivalence_table(equivalence, cfg.sample_steps))
+        log("")
+        table_md = _quality_table(rows, cfg.sample_steps)
+        header = (f"Few-step quality: Frechet distance in a {metric.k}-dim pixel-PCA space (top PCs of the "
+                  f"{len(x_train)} training digits, {100 * metric.explained:.0f}% of pixel variance), "
+                  f"{cfg.n_samples} generated vs {len(x_held)} held-out real digits; lower is better. Same noise and "
+                  f"'simple' label grid in every row; fine-tuned rows are sampled with flow Euler.\n"
+                  f"Reference, {cfg.n_samples} real training digits vs the same held-out set: {reference_fd:.3f}")
+        log(header)
+        log(table_md)
+        log("")
 
-    grid_rows = [to_uint8(x_train[ref_idx[:cfg.grid_columns], 0])]
-    grid_labels = ["REAL"]
-    for row in rows:
-        grid_rows.append(to_uint8(row["samples"][:cfg.grid_columns, 0]))
-        grid_labels.append(f"{row['model']} {row['tag']} {row['steps']}")
-    grid_path = write_png(out / "grid.png", image_grid(grid_rows, grid_labels, scale=2))
-    log("")
-    log(f"grid ({len(grid_rows)} rows: real digits, then model / method / steps): {grid_path}")
+    with clock.phase("grid"):
+        grid_rows = [to_uint8(x_train[ref_idx[:cfg.grid_columns], 0])]
+        grid_labels = ["real"]
+        for row in rows:
+            grid_rows.append(to_uint8(row["samples"][:cfg.grid_columns, 0]))
+            grid_labels.append(f"{row['model']} {row['tag']} {row['steps']}")
+        grid_path = write_png(out / "grid.png", image_grid(grid_rows, grid_labels, scale=2))
+        log(f"grid ({len(grid_rows)} rows: real digits, then model / method / steps): {grid_path}")
 
     results.update({
         "equivalence": equivalence,
@@ -477,12 +517,14 @@ def _run(cfg: DemoConfig, out: Path, log, t_start: float) -> dict:
         "table": [{k: v for k, v in r.items() if k != "samples"} for r in rows],
         "table_markdown": table_md,
         "grid_png": str(grid_path),
-        "sample_seconds": sample_seconds,
+        "sample_seconds": clock.seconds["sampling and scoring"],
+        "phase_seconds": clock.seconds,
     })
-    results["wall_seconds"] = time.perf_counter() - t_start
+    results["wall_seconds"] = clock.total()
     results["results_json"] = str(out / "results.json")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log(f"results: {results['results_json']}  (wall {results['wall_seconds']:.1f}s)")
+    log(f"results: {results['results_json']}")
+    log(f"[time] total: {results['wall_seconds']:.1f} s")
     return results
 
 

@@ -5,6 +5,13 @@ API format ("Export (API)"). ComfyUI is found via --comfyui, $COMFYUI_PATH, ~/Co
 that contains this pack; it is booted without its web server (all built-in nodes, the installed
 custom nodes, this pack), the prompt is checked by the host's own validation and run by its own
 executor. Outputs are written where ComfyUI writes them: its output directory, or --output.
+
+ComfyUI must run under a Python that has its packages (psutil, aiohttp, …), which the venv that
+``pip install .`` made for ``d2f demo`` lacks. So when this Python cannot import the host's
+requirements, ``d2f run`` re-executes itself under the host's Python (--python, else the host's
+``.venv/`` or ``venv/``), loading this copy of d2f_core / d2f_host there by file location (putting this
+venv's site-packages on that Python's path would mix two torch installs); without such a Python it
+stops with one line saying what to do.
 """
 
 from __future__ import annotations
@@ -12,7 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+
+# Set in the re-executed process: a second re-execution would loop.
+REEXEC_ENV = "D2F_RUN_REEXEC"
+
+# Run by the host's Python: load d2f_core and d2f_host from their files (argv 1, 2), then `d2f <argv 3…>`.
+_BOOTSTRAP = """
+import importlib.util, os, sys
+for name, path in zip(("d2f_core", "d2f_host"), sys.argv[1:3]):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    sys.modules[name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+from d2f_core.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comfyui", metavar="PATH", default=None,
                    help="ComfyUI checkout to run in (default: $COMFYUI_PATH, else ~/ComfyUI, else the ComfyUI "
                         "whose custom_nodes/ holds this pack)")
+    p.add_argument("--python", metavar="PYTHON", default=None,
+                   help="the Python that runs ComfyUI (default: this one if it has ComfyUI's packages, else the "
+                        "ComfyUI checkout's .venv/ or venv/)")
     p.add_argument("--output", metavar="DIR", default=None,
                    help="output directory (default: ComfyUI's own output/ folder)")
     p.add_argument("--input", metavar="DIR", default=None,
@@ -37,11 +64,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display, only the result")
 
 
+def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Return if this Python is the one to boot the host in; else re-execute ``d2f <argv>`` under the
+    host's Python, or exit with a one-line message (exit status 2)."""
+    from .host import _booted_path, find_comfyui, host_python, missing_modules
+
+    if _booted_path() is not None:
+        return  # a host already runs in this process (a test session): nothing to check
+    try:
+        comfyui, _ = find_comfyui(args.comfyui)
+    except FileNotFoundError as exc:
+        parser.exit(2, f"d2f run: {exc}. To make one (the version tested): git clone --branch v0.33.0 "
+                       "https://github.com/comfyanonymous/ComfyUI ~/ComfyUI && cd ~/ComfyUI && python3 -m venv .venv "
+                       "&& .venv/bin/pip install -r requirements.txt\n")
+    if args.python and not os.access(args.python, os.X_OK):
+        parser.exit(2, f"d2f run: --python {args.python} is not an executable file\n")
+    missing = missing_modules(comfyui)
+    this = os.path.abspath(sys.executable)
+    if os.environ.get(REEXEC_ENV) or (not missing and (not args.python or os.path.abspath(args.python) == this)):
+        if missing:  # already re-executed, or asked for this Python: the one to fix is this one
+            requirements = os.path.join(comfyui, "requirements.txt")
+            parser.exit(2, f"d2f run: {sys.executable} cannot import ComfyUI's packages ({_names(missing)}); "
+                           f"install them ({sys.executable} -m pip install -r {requirements}) "
+                           "or pass --python with the Python that runs ComfyUI\n")
+        return
+    python = args.python or host_python(comfyui)
+    if python is None:
+        parser.exit(2, f"d2f run: this Python ({sys.executable}) cannot import ComfyUI's packages ({_names(missing)}) "
+                       f"and {comfyui} has no .venv/ or venv/: pass --python with the Python that runs ComfyUI\n")
+    if missing:
+        print(f"d2f run: this Python lacks ComfyUI's packages ({_names(missing)}); running under {python}",
+              file=sys.stderr)
+    import d2f_core
+
+    here = [os.path.dirname(os.path.abspath(m.__file__)) for m in (d2f_core, sys.modules[__package__])]
+    cmd = [python, "-c", _BOOTSTRAP, *here, *argv]
+    env = {**os.environ, REEXEC_ENV: "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execve(python, cmd, env)
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+def _shown(path: str) -> str:
+    """A path under the current directory relative to it (as the user typed --output), else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _names(modules: list[str]) -> str:
+    return ", ".join(modules[:6]) + (", ..." if len(modules) > 6 else "")
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from . import workflow as wf
     from .host import boot
     from .runner import TextProgress, format_validation_error, prepare, run_prompt
 
+    ensure_host_python(args, parser, args.argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         data = wf.load(args.workflow)
@@ -80,5 +161,5 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser):
                        f"{err.get('exception_type', '')}: {err.get('exception_message', 'interrupted')}\n")
     print(f"d2f run: done in {result.seconds:.1f} s")
     for path in result.files:
-        print(f"  wrote {path}")
+        print(f"  wrote {_shown(path)}")
     return 0

@@ -4,6 +4,10 @@
 files in the repository were then loaded into ComfyUI's frontend and saved back from it
 (``d2f_host.author``), so they are exactly what the frontend saves. ``EXAMPLES`` also records, per
 workflow, which model files it names, so tests can lay out stand-ins under those names.
+
+Layout: each example lists its nodes column by column (``WorkflowBuilder.columns`` stacks them by the
+height the frontend draws them at) and its groups by their member nodes (``WorkflowBuilder.group``
+wraps them), so every node sits inside its group and no two nodes overlap.
 """
 
 from __future__ import annotations
@@ -32,33 +36,42 @@ PATCH_NOTE = (
     "RescaleCFG. Use Diff2Flow RescaleCFG instead of the stock RescaleCFG on a patched model.")
 
 
-def _common(b: WorkflowBuilder, ckpt: str, *, x=0, y=0, title="Load Checkpoint"):
-    ckpt_node = b.node("CheckpointLoaderSimple", [x, y + 40], [330, 100], title=title, ckpt_name=ckpt)
-    return ckpt_node
+def _common(b: WorkflowBuilder, ckpt: str, *, title="Load Checkpoint"):
+    return b.node("CheckpointLoaderSimple", size=[330, 100], title=title, ckpt_name=ckpt)
 
 
-def _prompts(b: WorkflowBuilder, clip_src, x, y, positive=POSITIVE, negative=NEGATIVE):
-    pos = b.node("CLIPTextEncode", [x, y], [420, 150], title="Positive prompt", color="#232", bgcolor="#353",
+def _patch(b: WorkflowBuilder, model_src):
+    patch = b.node("D2FFlowPatch", size=[330, 110], prediction="auto", label_offset=0)
+    b.link(model_src, "MODEL", patch, "model")
+    return patch
+
+
+def _prompts(b: WorkflowBuilder, clip_src, positive=POSITIVE, negative=NEGATIVE):
+    pos = b.node("CLIPTextEncode", size=[420, 150], title="Positive prompt", color="#232", bgcolor="#353",
                  text=positive)
-    neg = b.node("CLIPTextEncode", [x, y + 200], [420, 130], title="Negative prompt", color="#322",
+    neg = b.node("CLIPTextEncode", size=[420, 130], title="Negative prompt", color="#322",
                  bgcolor="#533", text=negative)
     b.link(clip_src, "CLIP", pos, "clip")
     b.link(clip_src, "CLIP", neg, "clip")
     return pos, neg
 
 
-def _ksampler(b: WorkflowBuilder, x, model, positive, negative, latent, *, steps, cfg, denoise=1.0):
+def _latent(b: WorkflowBuilder, width=512, height=512):
+    return b.node("EmptyLatentImage", size=[330, 110], width=width, height=height, batch_size=1)
+
+
+def _ksampler(b: WorkflowBuilder, model, positive, negative, latent, *, steps, cfg, denoise=1.0):
     """Stock KSampler (euler, simple, fixed seed 42) fed by (node, output) pairs."""
-    ks = b.node("KSampler", [x, 40], [330, 270], seed=42, seed__control="fixed", steps=steps, cfg=cfg,
+    ks = b.node("KSampler", size=[330, 270], seed=42, seed__control="fixed", steps=steps, cfg=cfg,
                 sampler_name="euler", scheduler="simple", denoise=denoise)
     for (src, out), name in ((model, "model"), (positive, "positive"), (negative, "negative"), (latent, "latent_image")):
         b.link(src, out, ks, name)
     return ks
 
 
-def _d2f_train(b: WorkflowBuilder, pos, *, steps, batch_size, save_every, preview_every, run_name):
+def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_every, run_name):
     """D2FTrain with the settings both training examples share (LoRA rank 16, bf16, checkpointing)."""
-    return b.node("D2FTrain", pos, [400, 720], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
+    return b.node("D2FTrain", size=[400, 720], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
                   optimizer="adamw", gradient_checkpointing=True, training_dtype="bf16", cuda_graphs=True,
@@ -66,37 +79,47 @@ def _d2f_train(b: WorkflowBuilder, pos, *, steps, batch_size, save_every, previe
                   preview_every=preview_every, run_name=run_name, resume_from="")
 
 
-def _save_lora_and_loss(b: WorkflowBuilder, train, x, lora_prefix, loss_prefix):
-    """SaveLoRA and Plot Loss Graph on a D2FTrain's outputs, stacked at column ``x``."""
-    save_lora = b.node("SaveLoRA", [x, 40], [330, 110], prefix=lora_prefix, steps=0)
+def _save_lora_and_loss(b: WorkflowBuilder, train, lora_prefix, loss_prefix):
+    """SaveLoRA and Plot Loss Graph on a D2FTrain's outputs."""
+    save_lora = b.node("SaveLoRA", size=[330, 110], prefix=lora_prefix, steps=0)
     b.link(train, "lora", save_lora, "lora")
     b.link(train, "steps", save_lora, "steps")
-    loss = b.node("LossGraphNode", [x, 200], [330, 330], filename_prefix=loss_prefix)
+    loss = b.node("LossGraphNode", size=[330, 330], filename_prefix=loss_prefix)
     b.link(train, "loss", loss, "loss")
+    return save_lora, loss
 
 
-def _decode_and_save(b: WorkflowBuilder, samples, vae_src, decode_pos, save_pos, prefix):
+def _decode_and_save(b: WorkflowBuilder, samples, vae_src, prefix):
     """VAEDecode of ``samples`` (a (node, output) pair) with the checkpoint's VAE → SaveImage."""
-    dec = b.node("VAEDecode", decode_pos, [210, 50])
+    dec = b.node("VAEDecode", size=[210, 50])
     b.link(*samples, dec, "samples")
     b.link(vae_src, "VAE", dec, "vae")
-    save = b.node("SaveImage", save_pos, [420, 470], filename_prefix=prefix)
+    save = b.node("SaveImage", size=[420, 470], filename_prefix=prefix)
     b.link(dec, "IMAGE", save, "images")
-    return save
+    return dec, save
+
+
+GROUP_GAP = 40  # between one group's columns and the next group's, on top of the column gap
+
+
+def _model_group(b: WorkflowBuilder, columns) -> float:
+    """The left part every example shares (loader and Read-me note, then the model and prompt nodes) in
+    one group; returns the x where the next group's columns go."""
+    x = b.columns(columns)
+    b.group("Model and prompts", [n for column in columns for n in column])
+    return x + GROUP_GAP
 
 
 def sd15_txt2img(defs, *, ckpt=SD15_CKPT, width=512, height=512, label="SD1.5", note_extra="", steps=20, cfg=7.0):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, ckpt)
-    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
-    b.link(ckpt_node, "MODEL", patch, "model")
-    pos, neg = _prompts(b, ckpt_node, 400, 250)
-    latent = b.node("EmptyLatentImage", [400, 640], [330, 110], width=width, height=height, batch_size=1)
-    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+    patch = _patch(b, ckpt_node)
+    pos, neg = _prompts(b, ckpt_node)
+    latent = _latent(b, width, height)
+    ks = _ksampler(b, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
                    steps=steps, cfg=cfg)
-    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40],
-                     f"d2f/{label.lower().replace('.', '')}_txt2img")
-    b.note(
+    dec, save = _decode_and_save(b, (ks, "LATENT"), ckpt_node, f"d2f/{label.lower().replace('.', '')}_txt2img")
+    note = b.note(
         f"Diff2Flow — {label} text-to-image with a stock KSampler\n\n"
         f"1. Load Checkpoint: choose your {label} checkpoint in models/checkpoints ({ckpt} is only the usual "
         "file name).\n\n"
@@ -104,35 +127,35 @@ def sd15_txt2img(defs, *, ckpt=SD15_CKPT, width=512, height=512, label="SD1.5", 
         "3. KSampler: euler + simple on the patched model is DDIM on the original checkpoint, step for step. "
         "Every stock sampler and scheduler works on the patched model; euler_ancestral takes its "
         "rectified-flow path." + note_extra,
-        [0, 220], [360, 560], title="Read me: what to set, and why")
-    b.group("Model", [-10, -10, 750, 180])
-    b.group("Sampling", [870, -10, 820, 540])
+        size=[360, 560], title="Read me: what to set, and why")
+    x = _model_group(b, [[ckpt_node, note], [patch, pos, neg, latent]])
+    b.columns([[ks, dec], [save]], x=x)
+    b.group("Sampling", [ks, dec, save])
     return b.to_json()
 
 
 def sd15_flow_sampler(defs):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, SD15_CKPT)
-    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
-    b.link(ckpt_node, "MODEL", patch, "model")
-    pos, neg = _prompts(b, ckpt_node, 400, 250)
-    latent = b.node("EmptyLatentImage", [400, 640], [330, 110], width=512, height=512, batch_size=1)
-    noise = b.node("RandomNoise", [880, 40], [330, 82], noise_seed=42, noise_seed__control="fixed")
-    guider = b.node("CFGGuider", [880, 170], [330, 100], cfg=7.0)
+    patch = _patch(b, ckpt_node)
+    pos, neg = _prompts(b, ckpt_node)
+    latent = _latent(b)
+    noise = b.node("RandomNoise", size=[330, 82], noise_seed=42, noise_seed__control="fixed")
+    guider = b.node("CFGGuider", size=[330, 100], cfg=7.0)
     b.link(patch, "MODEL", guider, "model")
     b.link(pos, "CONDITIONING", guider, "positive")
     b.link(neg, "CONDITIONING", guider, "negative")
-    sampler = b.node("D2FEulerFlowSampler", [880, 320], [330, 30])
-    sched = b.node("D2FFlowScheduler", [880, 400], [330, 130], steps=20, shift=1.0, denoise=1.0)
+    sampler = b.node("D2FEulerFlowSampler", size=[330, 30])
+    sched = b.node("D2FFlowScheduler", size=[330, 130], steps=20, shift=1.0, denoise=1.0)
     b.link(patch, "MODEL", sched, "model")
-    sca = b.node("SamplerCustomAdvanced", [1260, 40], [300, 110])
+    sca = b.node("SamplerCustomAdvanced", size=[300, 110])
     b.link(noise, "NOISE", sca, "noise")
     b.link(guider, "GUIDER", sca, "guider")
     b.link(sampler, "SAMPLER", sca, "sampler")
     b.link(sched, "SIGMAS", sca, "sigmas")
     b.link(latent, "LATENT", sca, "latent_image")
-    _decode_and_save(b, (sca, 0), ckpt_node, [1260, 200], [1600, 40], "d2f/sd15_flow_sampler")
-    b.note(
+    dec, save = _decode_and_save(b, (sca, 0), ckpt_node, "d2f/sd15_flow_sampler")
+    note = b.note(
         "Diff2Flow — SD1.5 with the flow scheduler and the Euler flow sampler\n\n"
         f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
         f"2. {PATCH_NOTE}\n\n"
@@ -141,9 +164,10 @@ def sd15_flow_sampler(defs):
         "4. Diff2Flow Euler Flow Sampler: x ← x + (σ_next - σ)·(x - x̂0)/σ. CFGGuider works unchanged: CFG "
         "commutes with the bridge.\n\n"
         "Stock KSamplerSelect and BasicScheduler work on the patched model as well.",
-        [0, 220], [360, 620], title="Read me: what to set, and why")
-    b.group("Model", [-10, -10, 750, 180])
-    b.group("Flow sampling", [870, -10, 1160, 560])
+        size=[360, 620], title="Read me: what to set, and why")
+    x = _model_group(b, [[ckpt_node, note], [patch, pos, neg, latent]])
+    b.columns([[noise, guider, sampler, sched], [sca, dec], [save]], x=x)
+    b.group("Flow sampling", [noise, guider, sampler, sched, sca, dec, save])
     return b.to_json()
 
 
@@ -157,16 +181,15 @@ def sdxl_eps(defs):
 def sdxl_vpred(defs):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, SDXL_VPRED_CKPT, title="Load Checkpoint (v-prediction SDXL)")
-    msd = b.node("ModelSamplingDiscrete", [400, 40], [330, 82], sampling="v_prediction", zsnr=False)
+    msd = b.node("ModelSamplingDiscrete", size=[330, 82], sampling="v_prediction", zsnr=False)
     b.link(ckpt_node, "MODEL", msd, "model")
-    patch = b.node("D2FFlowPatch", [400, 170], [330, 110], prediction="auto", label_offset=0)
-    b.link(msd, "MODEL", patch, "model")
-    pos, neg = _prompts(b, ckpt_node, 400, 360)
-    latent = b.node("EmptyLatentImage", [400, 750], [330, 110], width=1024, height=1024, batch_size=1)
-    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+    patch = _patch(b, msd)
+    pos, neg = _prompts(b, ckpt_node)
+    latent = _latent(b, 1024, 1024)
+    ks = _ksampler(b, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
                    steps=25, cfg=5.0)
-    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40], "d2f/sdxl_vpred_txt2img")
-    b.note(
+    dec, save = _decode_and_save(b, (ks, "LATENT"), ckpt_node, "d2f/sdxl_vpred_txt2img")
+    note = b.note(
         "Diff2Flow — v-prediction SDXL\n\n"
         "1. Load Checkpoint: choose your v-prediction SDXL checkpoint (the file name here is a placeholder).\n\n"
         "2. ModelSamplingDiscrete = v_prediction tells ComfyUI the network predicts v. Many v-pred checkpoints "
@@ -176,26 +199,26 @@ def sdxl_vpred(defs):
         f"3. {PATCH_NOTE}\n\n"
         "4. KSampler: euler + simple equals DDIM on the original v-prediction model. Lower CFG (4–6) suits most "
         "v-pred SDXL models.",
-        [0, 220], [360, 640], title="Read me: what to set, and why")
-    b.group("Model", [-10, -10, 750, 300])
-    b.group("Sampling", [870, -10, 820, 540])
+        size=[360, 640], title="Read me: what to set, and why")
+    x = _model_group(b, [[ckpt_node, note], [msd, patch, pos, neg, latent]])
+    b.columns([[ks, dec], [save]], x=x)
+    b.group("Sampling", [ks, dec, save])
     return b.to_json()
 
 
 def sd15_img2img(defs):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, SD15_CKPT)
-    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
-    b.link(ckpt_node, "MODEL", patch, "model")
-    pos, neg = _prompts(b, ckpt_node, 400, 250, positive="an oil painting of the same scene, impasto, warm light")
-    load = b.node("LoadImage", [0, 620], [330, 330], image=IMG2IMG_IMAGE)
-    enc = b.node("VAEEncode", [400, 640], [210, 50])
+    patch = _patch(b, ckpt_node)
+    pos, neg = _prompts(b, ckpt_node, positive="an oil painting of the same scene, impasto, warm light")
+    load = b.node("LoadImage", size=[330, 330], image=IMG2IMG_IMAGE)
+    enc = b.node("VAEEncode", size=[210, 50])
     b.link(load, "IMAGE", enc, "pixels")
     b.link(ckpt_node, "VAE", enc, "vae")
-    ks = _ksampler(b, 880, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (enc, "LATENT"),
+    ks = _ksampler(b, (patch, "MODEL"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (enc, "LATENT"),
                    steps=20, cfg=7.0, denoise=0.6)
-    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [880, 360], [1260, 40], "d2f/sd15_img2img")
-    b.note(
+    dec, save = _decode_and_save(b, (ks, "LATENT"), ckpt_node, "d2f/sd15_img2img")
+    note = b.note(
         "Diff2Flow — SD1.5 image-to-image\n\n"
         f"1. Load Checkpoint: choose your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
         "2. Load Image: any picture from ComfyUI/input (example.png ships with ComfyUI). It is encoded by the "
@@ -203,41 +226,41 @@ def sd15_img2img(defs):
         f"3. {PATCH_NOTE}\n\n"
         "4. KSampler denoise 0.6: starts at flow time σ ≈ 0.6·σ_max from x = (1-σ)·image + σ·noise, the flow "
         "interpolant, and runs the last 60% of the schedule. Lower keeps more of the image.",
-        [0, 220], [360, 380], title="Read me: what to set, and why")
-    b.group("Model", [-10, -10, 750, 180])
-    b.group("Sampling", [870, -10, 820, 540])
+        size=[360, 380], title="Read me: what to set, and why")
+    x = _model_group(b, [[ckpt_node, note, load], [patch, pos, neg, enc]])
+    b.columns([[ks, dec], [save]], x=x)
+    b.group("Sampling", [ks, dec, save])
     return b.to_json()
 
 
 def sd15_train_lora(defs):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, SD15_CKPT)
-    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
-    b.link(ckpt_node, "MODEL", patch, "model")
-    data = b.node("LoadImageTextDataSetFromFolder", [0, 620], [330, 80], folder=TRAIN_FOLDER)
-    make = b.node("MakeTrainingDataset", [400, 250], [330, 100])
+    patch = _patch(b, ckpt_node)
+    data = b.node("LoadImageTextDataSetFromFolder", size=[330, 80], folder=TRAIN_FOLDER)
+    make = b.node("MakeTrainingDataset", size=[330, 100])
     b.link(data, "images", make, "images")
     b.link(ckpt_node, "VAE", make, "vae")
     b.link(ckpt_node, "CLIP", make, "clip")
     b.link(data, "texts", make, "texts")
-    empty = b.node("CLIPTextEncode", [400, 410], [330, 110], title="Empty prompt (CFG / caption dropout)",
+    empty = b.node("CLIPTextEncode", size=[330, 110], title="Empty prompt (CFG / caption dropout)",
                    color="#322", bgcolor="#533", text="")
     b.link(ckpt_node, "CLIP", empty, "clip")
-    train = _d2f_train(b, [800, 40], steps=500, batch_size=1, save_every=100, preview_every=50,
+    train = _d2f_train(b, steps=500, batch_size=1, save_every=100, preview_every=50,
                        run_name="d2f_sd15_lora")
     b.link(patch, "MODEL", train, "model")
     b.link(make, "latents", train, "latents")
     b.link(make, "conditioning", train, "positive")
     b.link(empty, "CONDITIONING", train, "empty_conditioning")
-    _save_lora_and_loss(b, train, 1260, "loras/d2f_sd15_lora", "d2f/loss_graph")
-    pos = b.node("CLIPTextEncode", [1260, 580], [330, 130], title="Preview prompt", color="#232", bgcolor="#353",
+    save_lora, loss = _save_lora_and_loss(b, train, "loras/d2f_sd15_lora", "d2f/loss_graph")
+    pos = b.node("CLIPTextEncode", size=[330, 130], title="Preview prompt", color="#232", bgcolor="#353",
                  text="a photo in the style of the training images")
     b.link(ckpt_node, "CLIP", pos, "clip")
-    latent = b.node("EmptyLatentImage", [1260, 760], [330, 110], width=512, height=512, batch_size=1)
-    ks = _ksampler(b, 1640, (train, "model"), (pos, "CONDITIONING"), (empty, "CONDITIONING"), (latent, "LATENT"),
+    latent = _latent(b)
+    ks = _ksampler(b, (train, "model"), (pos, "CONDITIONING"), (empty, "CONDITIONING"), (latent, "LATENT"),
                    steps=20, cfg=6.0)
-    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [1640, 360], [2010, 40], "d2f/trained_preview")
-    b.note(
+    dec, save = _decode_and_save(b, (ks, "LATENT"), ckpt_node, "d2f/trained_preview")
+    note = b.note(
         "Diff2Flow — LoRA fine-tune of SD1.5 toward flow matching\n\n"
         f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
         f"2. Training images: put them in ComfyUI/input/{TRAIN_FOLDER}/ (PNG/JPG/WEBP), each with a caption in a "
@@ -251,34 +274,36 @@ def sd15_train_lora(defs):
         "4. Save LoRA writes the final LoRA (loras/d2f_sd15_lora…), which the core LoRA loaders read; put "
         "Diff2Flow Patch after the LoRA loader when you use it. Plot Loss Graph saves the loss curve. The "
         "KSampler samples the trained model (already flow-patched) right away.",
-        [0, 220], [360, 370], title="Read me: what to set, and why")
-    b.group("Data", [-10, -10, 750, 730])
-    b.group("Train", [790, -10, 420, 900])
-    b.group("Save and preview", [1250, -10, 1190, 890])
+        size=[360, 370], title="Read me: what to set, and why")
+    x = b.columns([[ckpt_node, note, data], [patch, make, empty]])
+    b.group("Model and data", [ckpt_node, note, data, patch, make, empty])
+    x = b.columns([[train]], x=x + GROUP_GAP)
+    b.columns([[save_lora, loss, pos, latent], [ks, dec], [save]], x=x + GROUP_GAP)
+    b.group("Train", [train])
+    b.group("Save and preview", [save_lora, loss, pos, latent, ks, dec, save])
     return b.to_json()
 
 
 def sd15_reflow(defs):
     b = WorkflowBuilder(defs)
     ckpt_node = _common(b, SD15_CKPT)
-    patch = b.node("D2FFlowPatch", [400, 40], [330, 110], prediction="auto", label_offset=0)
-    b.link(ckpt_node, "MODEL", patch, "model")
-    pos, neg = _prompts(b, ckpt_node, 400, 250)
-    pairs = b.node("D2FReflowPairs", [880, 40], [330, 330], count=64, width=512, height=512, steps=25, cfg=7.0,
+    patch = _patch(b, ckpt_node)
+    pos, neg = _prompts(b, ckpt_node)
+    pairs = b.node("D2FReflowPairs", size=[330, 330], count=64, width=512, height=512, steps=25, cfg=7.0,
                    seed=0, seed__control="fixed", batch_size=8, shift=1.0, name=REFLOW_NAME)
     b.link(patch, "MODEL", pairs, "model")
     b.link(pos, "CONDITIONING", pairs, "positive")
     b.link(neg, "CONDITIONING", pairs, "negative")
-    train = _d2f_train(b, [1260, 40], steps=1000, batch_size=4, save_every=250, preview_every=100,
+    train = _d2f_train(b, steps=1000, batch_size=4, save_every=250, preview_every=100,
                        run_name="d2f_sd15_reflow")
     b.link(patch, "MODEL", train, "model")
     b.link(pairs, "couplings", train, "couplings")
-    _save_lora_and_loss(b, train, 1720, "loras/d2f_sd15_reflow", "d2f/reflow_loss_graph")
-    latent = b.node("EmptyLatentImage", [1720, 580], [330, 110], width=512, height=512, batch_size=1)
-    ks = _ksampler(b, 2100, (train, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
+    save_lora, loss = _save_lora_and_loss(b, train, "loras/d2f_sd15_reflow", "d2f/reflow_loss_graph")
+    latent = _latent(b)
+    ks = _ksampler(b, (train, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
                    steps=4, cfg=1.0)
-    _decode_and_save(b, (ks, "LATENT"), ckpt_node, [2100, 360], [2480, 40], "d2f/sd15_reflow_4steps")
-    b.note(
+    dec, save = _decode_and_save(b, (ks, "LATENT"), ckpt_node, "d2f/sd15_reflow_4steps")
+    note = b.note(
         "Diff2Flow — Reflow: straight paths, 4-step sampling (SD1.5)\n\n"
         f"1. Load Checkpoint: your SD1.5 checkpoint ({SD15_CKPT} is only the usual file name).\n\n"
         "2. Positive prompt: what the pairs (and so the reflowed model) should show; the negative is used "
@@ -296,11 +321,14 @@ def sd15_reflow(defs):
         "5. KSampler: 4 steps euler + simple on the trained model. CFG 1: the pairs were made with CFG 7, "
         "so the guidance is already in what the model learned. Save LoRA writes loras/d2f_sd15_reflow…; "
         "Plot Loss Graph saves the loss curve.",
-        [0, 220], [360, 640], title="Read me: what to set, and why")
-    b.group("Model", [-10, -10, 750, 180])
-    b.group("Reflow pairs", [870, -10, 350, 400])
-    b.group("Train", [1250, -10, 420, 1060])
-    b.group("Save and sample (4 steps)", [1710, -10, 1200, 720])
+        size=[360, 640], title="Read me: what to set, and why")
+    x = _model_group(b, [[ckpt_node, note], [patch, pos, neg]])
+    x = b.columns([[pairs]], x=x)
+    x = b.columns([[train]], x=x + GROUP_GAP)
+    b.columns([[save_lora, loss, latent], [ks, dec], [save]], x=x + GROUP_GAP)
+    b.group("Reflow pairs", [pairs])
+    b.group("Train", [train])
+    b.group("Save and sample (4 steps)", [save_lora, loss, latent, ks, dec, save])
     return b.to_json()
 
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 import urllib.request
 
+from .host import host_python
+
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -40,14 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def host_python(comfyui: str) -> str:
-    for rel in (".venv/bin/python", "venv/bin/python"):
-        p = os.path.join(comfyui, rel)
-        if os.access(p, os.X_OK):
-            return p
-    return sys.executable
 
 
 class ComfyServer:
@@ -85,7 +79,7 @@ class ComfyServer:
 
     def start(self):
         self.prepare()
-        cmd = [host_python(self.comfyui), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [host_python(self.comfyui) or sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", self.base_dir, "--output-directory", self.output_dir,
                "--input-directory", self.input_dir, "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch", "--preview-method", "none", *self.extra_args]

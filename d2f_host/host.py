@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import importlib.util
 import logging
 import os
+import re
 import sys
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -23,11 +25,17 @@ def is_comfyui(path: str | None) -> bool:
                               for f in ("main.py", "nodes.py", "execution.py", "folder_paths.py"))
 
 
+def _is_pack(path: str) -> bool:
+    return all(os.path.exists(os.path.join(path, f)) for f in ("__init__.py", "nodes", "d2f_core"))
+
+
 def pack_dir() -> str | None:
-    """The node pack this package ships with (its repository / ``custom_nodes`` folder), if any."""
-    parent = os.path.dirname(PACKAGE_DIR)
-    if os.path.isfile(os.path.join(parent, "__init__.py")) and os.path.isdir(os.path.join(parent, "nodes")):
-        return parent
+    """The node pack this package ships with (its repository / ``custom_nodes`` folder); when this
+    package was ``pip install``-ed from a clone, that clone if it is the current directory (README's
+    commands run there); else None."""
+    for candidate in (os.path.dirname(PACKAGE_DIR), os.getcwd()):
+        if _is_pack(candidate):
+            return candidate
     return None
 
 
@@ -55,6 +63,53 @@ def find_comfyui(explicit: str | None = None) -> tuple[str, str]:
         tried.append(f"the ComfyUI containing {p}")
     raise FileNotFoundError("no ComfyUI found (tried --comfyui, $COMFYUI_PATH, " + ", ".join(tried) +
                             "); pass --comfyui PATH or set COMFYUI_PATH")
+
+
+def host_python(comfyui: str) -> str | None:
+    """The Python of the host's own venv (``.venv/`` or ``venv/`` inside the checkout, as ComfyUI's
+    install guide makes it), or None."""
+    for rel in (os.path.join(".venv", "bin", "python"), os.path.join("venv", "bin", "python"),
+                os.path.join(".venv", "Scripts", "python.exe"), os.path.join("venv", "Scripts", "python.exe")):
+        p = os.path.join(comfyui, rel)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+# Distributions whose import name is not the distribution name lower-cased with '-' → '_'.
+_IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml", "opencv-python": "cv2", "pyopengl": "OpenGL"}
+_CORE_MODULES = ("torch", "numpy", "safetensors", "aiohttp", "yaml", "PIL", "psutil")
+
+
+def host_modules(comfyui: str) -> list[str]:
+    """The modules of the host's essential requirements (``requirements.txt`` up to its "non essential"
+    line), i.e. what this Python must be able to import to boot that ComfyUI."""
+    try:
+        with open(os.path.join(comfyui, "requirements.txt"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return list(_CORE_MODULES)
+    modules = []
+    for line in lines:
+        if line.strip().lower().startswith("#non essential"):
+            break
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9_.-]*)", line)
+        if m:
+            name = m.group(1).lower()
+            modules.append(_IMPORT_NAMES.get(name, name.replace("-", "_").replace(".", "_")))
+    return modules
+
+
+def missing_modules(comfyui: str) -> list[str]:
+    """The host's required modules this Python cannot import (looked up, not imported: cheap)."""
+    return [m for m in host_modules(comfyui) if not _importable(m)]
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

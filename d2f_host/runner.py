@@ -12,6 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from . import workflow as wf
 from .host import Host, boot, object_info
 
@@ -49,37 +51,31 @@ def _fmt_seconds(s) -> str:
 
 
 class TextProgress:
-    """A text progress display for the executor's messages: one line per node, a bar for nodes that
-    report progress (redrawn in place on a terminal, in 10% steps otherwise), and the loss, speed and
-    ETA of D2FTrain runs."""
+    """The executor's messages as text on stderr: one line per node as it starts, a tqdm bar for nodes
+    that report progress (redrawn in place on a terminal, every few seconds into a log), and for
+    D2FTrain the loss, speed and ETA the node itself reports (it knows about resumed steps; tqdm does not)."""
 
-    def __init__(self, prompt: dict, stream=None, width: int = 28):
+    def __init__(self, prompt: dict, stream=None):
         self.prompt = prompt
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.width = width
         self.total = len(prompt)
         self.done = 0
         self.current = None
-        self.line_open = False
-        self.last_decile = -1
+        self.bar = None
         self.train = {}
 
     def _title(self, node_id) -> str:
         entry = self.prompt.get(str(node_id), {})
         return f"{(entry.get('_meta') or {}).get('title') or entry.get('class_type', '?')} (#{node_id})"
 
-    def _write(self, text: str, end: str = "\n"):
-        if self.line_open and self.tty:
-            self.stream.write("\r\x1b[2K")
-        self.stream.write(text + end)
-        self.stream.flush()
-        self.line_open = end == ""
+    def _write(self, text: str):
+        tqdm.write(text, file=self.stream)  # above the open bar, if any
 
-    def _close_line(self):
-        if self.line_open:
-            self.stream.write("\n")
-            self.line_open = False
+    def _close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def __call__(self, event, data):
         if not isinstance(event, str) or not isinstance(data, dict):
@@ -90,51 +86,46 @@ class TextProgress:
             node = data.get("node")
             if node is None:
                 return
-            self._close_line()
+            self._close_bar()
             self.done += 1
             self.current = node
-            self.last_decile = -1
             self._write(f"[{self.done}/{self.total}] {self._title(node)}")
         elif event == "progress":
             self._bar(data.get("node") or self.current, data.get("value", 0), data.get("max", 0))
         elif event == "d2f.train":
             self.train[str(data.get("node"))] = data
             if data.get("kind") == "saved":
-                self._close_line()
                 self._write(f"    saved {data.get('path')}")
             elif data.get("kind") == "done":
-                self._close_line()
+                self._close_bar()
                 self._write(f"    training {data.get('status', 'done')} at step {data.get('step')}/{data.get('total')}")
         elif event == "execution_error":
-            self._close_line()
+            self._close_bar()
             self._write(f"error in {self._title(data.get('node_id'))}: {data.get('exception_type')}: "
                         f"{data.get('exception_message')}")
         elif event == "execution_interrupted":
-            self._close_line()
+            self._close_bar()
             self._write(f"interrupted in {self._title(data.get('node_id'))}")
 
     def _bar(self, node, value, total):
         if not total:
             return
-        frac = min(max(value / total, 0.0), 1.0)
-        decile = int(frac * 10)
-        if not self.tty and decile == self.last_decile:
-            return
-        self.last_decile = decile
-        filled = int(round(frac * self.width))
-        text = f"    |{'#' * filled}{'-' * (self.width - filled)}| {value}/{total}"
+        if self.bar is None or self.bar.total != total or value < self.bar.n:
+            self._close_bar()
+            self.bar = tqdm(total=total, file=self.stream, leave=True, dynamic_ncols=self.tty,
+                            mininterval=0.1 if self.tty else 5.0)
         t = self.train.get(str(node))
         if t and t.get("kind") == "progress":
             losses = t.get("losses") or []
-            if losses:
-                text += f"  loss {losses[-1]:.4f}"
+            extra = [f"loss {losses[-1]:.4f}"] if losses else []
             if t.get("samples_per_second"):
-                text += f"  {t['samples_per_second']:.2f} samples/s"
-            text += f"  ETA {_fmt_seconds(t.get('eta_seconds'))}"
-        self._write(text, end="" if self.tty else "\n")
+                extra.append(f"{t['samples_per_second']:.2f} samples/s")
+            extra.append(f"ETA {_fmt_seconds(t.get('eta_seconds'))}")
+            self.bar.set_postfix_str("  ".join(extra), refresh=False)
+        self.bar.update(min(value, total) - self.bar.n)
 
     def finish(self):
-        self._close_line()
+        self._close_bar()
 
 
 def _snapshot(folder: str) -> dict:

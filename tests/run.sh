@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The test command. Finds the ComfyUI host (COMFYUI_PATH, else ~/ComfyUI), lays one out from a local
-# mirror when there is none and one is at hand (COMFYUI_MIRROR), and runs pytest in the host's venv.
+# The test command. Finds the ComfyUI host (COMFYUI_PATH, else ~/ComfyUI) and runs pytest in the host's venv.
+# Where there is no host but a ComfyUI mirror is named (COMFYUI_MIRROR) and a layout script sits beside
+# the clone (../shared/tools/setup-host.sh, as on the project's CI machines), it lays one out first.
 # Without any host it runs in a venv of its own: the host-free tests run, the host tests skip and say why.
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 host=${COMFYUI_PATH:-$HOME/ComfyUI}
-mirror=${COMFYUI_MIRROR:-/work/.mirror/yzkee+ComfyUI/repo}
+mirror=${COMFYUI_MIRROR:-}
 setup=$repo/../shared/tools/setup-host.sh
-if [ ! -x "$host/.venv/bin/python" ] && [ -d "$mirror" ] && [ -f "$setup" ]; then
+if [ ! -x "$host/.venv/bin/python" ] && [ -n "$mirror" ] && [ -d "$mirror" ] && [ -f "$setup" ]; then
     echo "== laying out the ComfyUI host at $host from $mirror"
     bash "$setup" "$mirror" "$host"
 fi
@@ -19,7 +20,7 @@ else
     [ -x "$repo/.venv-test/bin/python" ] || python3 -m venv "$repo/.venv-test"
     py=$repo/.venv-test/bin/python
 fi
-"$py" -m pip install -q torch numpy safetensors einops pytest 2>&1 | grep -v "is ignored" || true
+"$py" -m pip install -q torch numpy safetensors einops pillow tqdm pytest 2>&1 | grep -v "is ignored" || true
 # browser tests (tests/test_browser.py): Debian's Chromium + the Playwright driver; never downloads a browser
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== installing chromium for the browser tests"

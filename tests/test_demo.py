@@ -3,12 +3,11 @@ native DDIM equals the zero-shot flow Euler sampler to float error (DESIGN §2),
 (Diff2Flow fine-tune, + scheduled sampling, + Reflow through the Trainer) are trained, sampled and scored."""
 
 import json
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from d2f_core import cli
 from d2f_core.datasets import digits_tensor, load_digits
@@ -17,28 +16,17 @@ from d2f_core.demo import FINETUNE_ROWS, FLOW, NATIVE, reflow_couplings, simple_
 from d2f_core.metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance
 from d2f_core.schedule import DiscreteSchedule
 from d2f_core.tiny_unet import TinyUNet
-from d2f_core.png import PNG_SIGNATURE, encode_png
+from d2f_core.png import image_grid
 
 
-def _png_chunks(data: bytes):
-    pos = len(PNG_SIGNATURE)
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        yield kind, body, crc == (zlib.crc32(kind + body) & 0xFFFFFFFF)
-        pos += 12 + length
-
-
-def test_quick_demo(tmp_path):
+def test_quick_demo(tmp_path, capsys):
     rc = cli.main(["demo", "--quick", "--out", str(tmp_path)])
     assert rc == 0
     png = tmp_path / "grid.png"
-    data = png.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    chunks = list(_png_chunks(data))
-    assert [c[0] for c in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    assert all(ok for _, _, ok in chunks)
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+        img.load()  # decodes every chunk: a broken file raises here
+        width, height = img.size
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["grid_png"] == str(png)
@@ -66,8 +54,15 @@ def test_quick_demo(tmp_path):
         assert any(fd[(model, row, s)] != fd[(model, FLOW, s)] for row, _ in FINETUNE_ROWS for s in steps)
     assert all(f"| {meth}" in results["table_markdown"] for meth in methods)
     # One grid row per (model, method, steps), plus the real digits.
-    (width, height) = struct.unpack(">II", chunks[0][1][:8])
     assert height > len(fd) * 16
+    # Each phase's time is printed as it ends, then the total; results.json keeps them.
+    out = capsys.readouterr().out
+    phases = results["phase_seconds"]
+    assert {"training eps-model", "training v-model", "sampling and scoring", "tables", "grid"} <= set(phases)
+    assert all(f"[time] {name}: " in out for name in phases)
+    assert out.index("[time] training eps-model") < out.index("[time] sampling and scoring") < out.index("[time] grid")
+    assert f"[time] total: {results['wall_seconds']:.1f} s" in out
+    assert sum(phases.values()) <= results["wall_seconds"]
 
 
 def test_reflow_couplings_pass_through_the_start_state():
@@ -87,16 +82,16 @@ def test_reflow_couplings_pass_through_the_start_state():
     assert cond == {} and nz.shape == x0.shape
 
 
-def test_png_roundtrip_gray_and_rgb():
-    gray = (np.arange(35, dtype=np.uint8) * 7).reshape(5, 7)
-    rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)
-    for img, channels in ((gray, 1), (rgb, 3)):
-        chunks = list(_png_chunks(encode_png(img)))
-        width, height = struct.unpack(">II", chunks[0][1][:8])
-        assert (width, height) == (7, 5)
-        raw = np.frombuffer(zlib.decompress(chunks[1][1]), np.uint8).reshape(5, 1 + 7 * channels)
-        assert (raw[:, 0] == 0).all()
-        assert (raw[:, 1:] == img.reshape(5, -1)).all()
+def test_grid_has_labels_and_exact_tiles():
+    """Each row: its label drawn left of the images, then the images enlarged without interpolation."""
+    tiles = (np.arange(2 * 3 * 4, dtype=np.uint8) * 10).reshape(2, 3, 4)
+    plain = np.asarray(image_grid([tiles, tiles], pad=2, scale=2))
+    labelled = np.asarray(image_grid([tiles, tiles], ["eps FLOW 4", "v D2F 25"], pad=2, scale=2))
+    label_w = labelled.shape[1] - plain.shape[1]
+    assert plain.shape == (2 * (6 + 2) + 2, 2 * (8 + 2) + 2) and label_w > 20
+    assert (labelled[:, :label_w] > 128).any()  # ink of the labels
+    assert np.array_equal(labelled[:, label_w:], plain)
+    assert np.array_equal(plain[2:8, 2:10], tiles[0].repeat(2, 0).repeat(2, 1))
 
 
 def test_embedded_digits():

@@ -35,7 +35,8 @@ PACK_DIR = comfy_host.PACK_DIR
 WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOW_FILES]
-PACK_NODE_TYPES = {"D2FFlowPatch", "D2FFlowScheduler", "D2FEulerFlowSampler", "D2FRescaleCFG", "D2FTrain"}
+PACK_NODE_TYPES = {"D2FFlowPatch", "D2FFlowScheduler", "D2FEulerFlowSampler", "D2FRescaleCFG", "D2FTrain",
+                   "D2FReflowPairs", "D2FLoadReflowPairs"}
 
 # Per workflow, on top of TINY: the v-pred workflow runs on the same tiny SDXL file as the ε one (its
 # v-prediction comes from ModelSamplingDiscrete, not from the file), so the shared executor's cache
@@ -73,6 +74,42 @@ def test_every_example_is_shipped_with_a_thumbnail():
         notes = [n for n in data["nodes"] if n["type"] in ("Note", "MarkdownNote")]
         assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), f"{name}: needs an explanatory Note"
         assert PACK_NODE_TYPES & {n["type"] for n in data["nodes"]}, f"{name} uses none of the pack's nodes"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_sits_inside_its_group_and_on_no_other_node(name):
+    """As the frontend draws the file: each node (title bar included, at least as tall as its widget and
+    socket rows make it, whatever size was saved) lies inside exactly one group's body, below the group's
+    title, touches no other group, and overlaps no other node. Groups overlap no other group."""
+    data = wf.load(path_of(name))
+    groups = {g["title"]: wf.group_body(g) for g in data["groups"]}
+    assert groups, f"{name}: no groups"
+    titles = list(groups)
+    for i, a in enumerate(titles):
+        for b in titles[i + 1:]:
+            assert not wf.rects_overlap(groups[a], groups[b]), f"{name}: groups {a!r} and {b!r} overlap"
+    rects = {f"{n['id']} {n.get('title') or n['type']}": wf.node_rect(n) for n in data["nodes"]}
+    for label, rect in rects.items():
+        inside = [t for t, body in groups.items() if wf.rect_inside(rect, body)]
+        touched = [t for t, body in groups.items() if wf.rects_overlap(rect, body)]
+        assert len(inside) == 1 and touched == inside, (
+            f"{name}: node {label} at {rect} is inside {inside}, touches {touched}; groups: {groups}")
+    labels = list(rects)
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            assert not wf.rects_overlap(rects[a], rects[b]), f"{name}: nodes {a} {rects[a]} and {b} {rects[b]} overlap"
+
+
+def test_drawn_height_counts_widget_and_socket_rows():
+    """A D2FTrain saved 720 px tall is drawn at least 35 rows tall (30 widgets, 5 input sockets); a Note
+    keeps its saved size."""
+    train = {"pos": [0, 100], "size": [400, 720], "widgets_values": [0] * 30,
+             "inputs": [{"name": f"i{k}", "link": None} for k in range(5)] + [{"name": "steps", "widget": {}}],
+             "outputs": [{"name": f"o{k}"} for k in range(4)]}
+    left, top, right, bottom = wf.node_rect(train)
+    assert (left, top, right) == (0, 100 - wf.NODE_TITLE_HEIGHT, 400) and bottom - 100 >= 35 * 24
+    note = {"pos": [0, 0], "size": [360, 560], "widgets_values": ["text"], "inputs": [], "outputs": []}
+    assert wf.node_rect(note)[3] == 560
 
 
 def _tiny_graph():
@@ -369,6 +406,76 @@ def test_d2f_run_executes_the_txt2img_workflow(host, example_files, tmp_path):
     assert written, proc.stdout
     assert "wrote " + written[0] in proc.stdout
     assert "[1/" in proc.stderr and "|" in proc.stderr and "2/2" in proc.stderr, proc.stderr[-2000:]
+
+
+# A sitecustomize that makes the modules in $D2F_TEST_BLOCK unimportable, as in the venv `pip install .`
+# makes for `d2f demo` (it has torch but none of ComfyUI's own packages), except in the process `d2f run`
+# re-executes under the host's Python (it sets D2F_RUN_REEXEC there).
+BLOCKER = """
+import os, sys
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in os.environ.get("D2F_TEST_BLOCK", "").split(","):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+if not os.environ.get("D2F_RUN_REEXEC"):
+    sys.meta_path.insert(0, _Block())
+"""
+
+
+def _d2f_run(args, tmp_path, block="psutil", cwd=PACK_DIR, **env):
+    """``python -m d2f_core run ARGS`` in a fresh process whose Python cannot import ``block``."""
+    (tmp_path / "blocker").mkdir(exist_ok=True)
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    base = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "D2F_RUN_REEXEC")}
+    env = {**base, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), PACK_DIR]), "D2F_TEST_BLOCK": block, **env}
+    return subprocess.run([sys.executable, "-m", "d2f_core", "run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_d2f_run_reexecutes_under_the_host_python(host, example_files, tmp_path):
+    """From a Python that lacks ComfyUI's packages (psutil blocked), ``d2f run`` finds the host's venv
+    and runs there: the dry run converts and validates the workflow in the host."""
+    from d2f_host.host import host_python
+
+    python = host_python(host.path)
+    if python is None:
+        pytest.skip(f"{host.path} has no .venv/ or venv/ for d2f run to re-execute under")
+    yaml_path = tmp_path / "models.yaml"
+    yaml_path.write_text(json.dumps({"d2f_test": {"base_path": os.path.dirname(example_files["checkpoints"]),
+                                                  "checkpoints": "checkpoints"}}))
+    proc = _d2f_run([path_of("d2f_sd15_txt2img"), "--comfyui", host.path, "--extra-model-paths", str(yaml_path),
+                     "--cpu", "--no-custom-nodes", "--dry-run"], tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert f"lacks ComfyUI's packages (psutil); running under {python}" in proc.stderr, proc.stderr[-3000:]
+    prompt = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert {e["class_type"] for e in prompt.values()} >= {"D2FFlowPatch", "KSampler"}
+
+
+@pytest.mark.parametrize("case", ["no host", "host without a venv"])
+def test_d2f_run_says_what_to_do_in_one_line(case, tmp_path):
+    """No traceback: without a host, or with a host whose Python cannot be found, one line says what to do."""
+    home = tmp_path / "home"
+    home.mkdir()
+    args = [path_of("d2f_sd15_txt2img")]
+    if case == "host without a venv":
+        fake = tmp_path / "ComfyUI"
+        fake.mkdir()
+        for f in ("main.py", "nodes.py", "execution.py", "folder_paths.py"):
+            (fake / f).write_text("")
+        (fake / "requirements.txt").write_text("torch\npsutil\n")
+        args += ["--comfyui", str(fake)]
+    proc = _d2f_run(args, tmp_path, cwd=str(tmp_path), HOME=str(home))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("d2f run: "), proc.stderr
+    if case == "no host":
+        assert "no ComfyUI found" in lines[0] and "COMFYUI_PATH" in lines[0] and "--comfyui" in lines[0]
+        assert "git clone" in lines[0] and "requirements.txt" in lines[0]
+    else:
+        assert "cannot import ComfyUI's packages (psutil)" in lines[0] and "pass --python" in lines[0]
 
 
 def test_d2f_run_reports_a_bad_override(host, example_files, tmp_path):
