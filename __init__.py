@@ -60,10 +60,21 @@ def check_host() -> None:
 
 
 # ComfyUI imports this folder as a package. Test runners may import this file on its own (no parent
-# package, e.g. from a checkout whose folder name is not an identifier): then there are no nodes to offer,
-# and that is not an error. As a package, a host too old for the pack is reported loudly (logged, and
+# package, e.g. from a checkout whose folder name is not an identifier), or as a package with no ComfyUI
+# anywhere: then there are no nodes to offer, and that is not an error. As a package, a host too old for the pack is reported loudly (logged, and
 # raised so that ComfyUI lists the pack as failed to import, with this message), never silently empty.
-if __package__:
+def _inside_comfyui() -> bool:
+    """Whether a ComfyUI is importable at all (its core ``comfy`` package and ``folder_paths``). A package
+    import with none (pytest collecting a checkout whose folder name is an identifier, a packaging tool) is
+    not a host to report on; a ComfyUI, however old, always has both."""
+    import importlib.util
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("comfy", "folder_paths"))
+    except ImportError:
+        return False
+
+
+if __package__ and _inside_comfyui():
     try:
         check_host()
     except HostTooOldError as exc:

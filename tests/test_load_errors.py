@@ -65,10 +65,18 @@ def test_minimum_version_is_declared_once_for_the_registry_too():
     assert comfy["requires-comfyui"] == ">=0.25.0" == f">={minimum_version()}"
 
 
-def test_no_v3_api_is_a_loud_error_naming_the_minimum_version():
-    """A ComfyUI without ``comfy_api`` (older than v0.3.48, or no host at all): logged at ERROR and raised
-    (ComfyUI then lists the pack under 'IMPORT FAILED' with this message), never an empty pack."""
-    out = load(["comfy_api"])
+def _old_host(root: str) -> str:
+    """A stand-in ComfyUI older than the V3 API: its core ``comfy`` package and ``folder_paths``, no ``comfy_api``."""
+    os.makedirs(os.path.join(root, "comfy"))
+    open(os.path.join(root, "comfy", "__init__.py"), "w").close()
+    open(os.path.join(root, "folder_paths.py"), "w").close()
+    return root
+
+
+def test_no_v3_api_is_a_loud_error_naming_the_minimum_version(tmp_path):
+    """A ComfyUI without ``comfy_api`` (older than v0.3.48): logged at ERROR and raised (ComfyUI then lists
+    the pack under 'IMPORT FAILED' with this message), never an empty pack."""
+    out = load(["comfy_api"], _old_host(str(tmp_path)))
     assert "RAISED HostTooOldError ImportError" in out, out
     assert f"needs ComfyUI v{minimum_version()} or newer" in out
     assert re.search(rf"LOG ERROR .*needs ComfyUI v{re.escape(minimum_version())} or newer", out), out
@@ -99,10 +107,18 @@ def _load_with_failing_api(missing: str) -> str:
     import tempfile
 
     with tempfile.TemporaryDirectory() as host:
+        _old_host(host)
         os.makedirs(os.path.join(host, "comfy_api", "latest"))
         with open(os.path.join(host, "comfy_api", "latest", "__init__.py"), "w") as f:
             f.write(f"import {missing}\n")
         return load([missing], host)
+
+
+def test_a_package_import_with_no_comfyui_anywhere_is_quiet():
+    """Imported as a package where no ComfyUI exists at all (pytest collecting a checkout whose folder name is
+    an identifier): nothing to report on, no error, no log."""
+    out = load(["comfy", "folder_paths", "comfy_api"])
+    assert "LOADED False" in out and "RAISED" not in out and "LOG ERROR" not in out, out
 
 
 def test_importing_the_file_without_a_package_is_quiet():
