@@ -129,7 +129,7 @@ class StepClock:
 
 
 def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, steps: int, skip: int,
-            compile_unet: bool = False, mode: str = "lora", graphs: bool = True):
+            compile_unet: bool = False, mode: str = "lora", graphs: bool = True, targets: str = "attention"):
     import comfy.model_management as mm
     import comfy.utils
     import torch
@@ -147,7 +147,7 @@ def measure(nodes, trainer: str, model, latents, conds, batch: int, ckpt: bool, 
             run_node(nodes, "D2FTrain", model=model, latents={"samples": latents}, positive=conds, mode=mode,
                      steps=steps, batch_size=batch, rank=16, alpha=16.0, learning_rate=1e-4 if mode == "lora" else 1e-5,
                      gradient_checkpointing=ckpt, training_dtype="bf16", seed=0, run_name="bench",
-                     compile=compile_unet, cuda_graphs=graphs)
+                     compile=compile_unet, cuda_graphs=graphs, lora_targets=targets)
         else:
             run_node(nodes, "TrainLoraNode", model=model, latents={"samples": latents}, positive=conds,
                      batch_size=batch, steps=steps, rank=16, learning_rate=1e-4, training_dtype="bf16",
@@ -208,6 +208,100 @@ def forward_flops(model, latents, conds) -> float | None:
     return float(counter.get_total_flops())
 
 
+def frozen_ceiling(model, latents, conds, batch: int, ckpt: bool, iters: int = 30, warmup: int = 5) -> float:
+    """Samples/s of the plain frozen UNet step a LoRA step cannot beat: forward and the input-gradient backward
+    (``requires_grad`` on the input only, no weight gradients), in bf16 channels-last like D2FTrain's private
+    copy, eager, with the same activation checkpointing. Measured on a private reload of the model."""
+    import comfy.model_management as mm
+    import torch
+    engine = {n.rsplit(".", 1)[-1]: m for n, m in sys.modules.items() if ".d2f_core." in n}  # the loaded pack's
+    blocks_by_class_name, checkpointed = engine["checkpointing"].blocks_by_class_name, engine["checkpointing"].checkpointed
+    cast_for_training = engine["precision"].cast_for_training
+    mm.unload_all_models()
+    private = model.clone(force_deepcopy=True)
+    mm.load_models_gpu([private], force_full_load=True)
+    unet = private.model.diffusion_model
+    unet.requires_grad_(False)
+    device = mm.get_torch_device()
+    cast_for_training(unet, torch.bfloat16, channels_last=device.type == "cuda")
+    x = latents[:batch].to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ctx = torch.cat([c[0] for c in conds[:batch]]).to(device, torch.bfloat16)
+    y = (torch.zeros(batch, unet.label_emb[0][0].in_features, device=device, dtype=torch.bfloat16)
+         if unet.num_classes is not None else None)
+    t = torch.full((batch,), 500.0, device=device)
+    blocks = blocks_by_class_name(unet, ("ResBlock", "SpatialTransformer")) if ckpt else []
+    with torch.inference_mode(False), checkpointed(blocks):
+        x = x.clone().requires_grad_(True)
+        for i in range(warmup + iters):
+            if i == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            out = unet(x, t, context=ctx, y=y)
+            torch.autograd.grad(out.float().square().mean(), x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    mm.unload_model_and_clones(private)
+    mm.soft_empty_cache()
+    return batch * iters / seconds
+
+
+def like_for_like(nodes, model, latents, conds, arch: str, batches, ckpts, repeats: int, flops, peak, out_dir):
+    """D2FTrain with ``lora_targets=all`` vs TrainLoraNode (every layer), rank 16, bf16, 30 measured steps each
+    side after their warm-up, ``repeats`` runs each, in this one process; D2FTrain's attention-only default
+    beside it; and the frozen fwd+bwd ceiling. A frozen-base LoRA step does ≈ 2× forward FLOPs (forward and
+    input-gradient backward; the adapters' weight gradients are negligible), so utilisation = 2·F·samples/s
+    / peak."""
+    import statistics
+    rows = []
+    for batch in batches:
+        for ckpt in ckpts:
+            row = {"arch": arch, "batch": batch, "checkpointing": ckpt}
+            for name, trainer, targets, steps, skip in (("d2f_all", "d2f", "all", 40, 10),
+                                                        ("d2f_attention", "d2f", "attention", 40, 10),
+                                                        ("core", "core", None, 34, 4)):
+                runs = [measure(nodes, trainer, model, latents, conds, batch, ckpt, steps, skip,
+                                targets=targets or "attention") for _ in range(repeats)]
+                rates = [r["samples_per_s"] for r in runs if r["samples_per_s"]]
+                errors = sorted({r["error"] for r in runs if r["error"]})
+                row[name] = {"runs": runs, "median": statistics.median(rates) if rates else None,
+                             "min": min(rates, default=None), "max": max(rates, default=None),
+                             "peak_gib": max((r["peak_gib"] or 0) for r in runs), "error": errors[0] if errors else None}
+                print(json.dumps({"arch": arch, "batch": batch, "ckpt": ckpt, "trainer": name,
+                                  **{k: v for k, v in row[name].items() if k != "runs"}}), flush=True)
+            row["ceiling"] = frozen_ceiling(model, latents, conds, batch, ckpt)
+            d, c = row["d2f_all"]["median"], row["core"]["median"]
+            row["speedup"] = d / c if d and c else None
+            if flops and peak and d:
+                row["utilisation"] = 2 * flops * d / peak
+            row["of_ceiling"] = d / row["ceiling"] if d else None
+            print(json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
+            rows.append(row)
+    return rows
+
+
+def like_for_like_table(rows, gpu, torch_version, date, repeats) -> str:
+    def rate(r):
+        if r.get("error") and not r.get("median"):
+            return r["error"]
+        return f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"
+    lines = [f"Like for like, {gpu}, torch {torch_version}, {date}: LoRA rank 16 on every layer both sides "
+             f"(D2FTrain lora_targets=all, TrainLoraNode), bf16, 30 measured steps per run after warm-up, "
+             f"median (min–max) of {repeats} runs, samples/s", "",
+             "| model | batch | ckpt | D2FTrain all | TrainLoraNode | speed-up | D2FTrain attention (default) "
+             "| frozen fwd+bwd ceiling | D2FTrain all / ceiling | utilisation (2×fwd FLOPs) | D2F / core peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = f"{r['speedup']:.1f}×" if r.get("speedup") else "-"
+        util = f"{r['utilisation']:.1%}" if r.get("utilisation") else "-"
+        ofc = f"{r['of_ceiling']:.2f}" if r.get("of_ceiling") else "-"
+        lines.append(f"| {r['arch']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {rate(r['d2f_all'])} | "
+                     f"{rate(r['core'])} | {sp} | {rate(r['d2f_attention'])} | {r['ceiling']:.2f} | {ofc} | {util} | "
+                     f"{r['d2f_all']['peak_gib']:.1f} / {r['core']['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
@@ -224,6 +318,10 @@ def main(argv=None):
                     help="full mode: NaN-recovery snapshots in host memory (the node's way) or on the device")
     ap.add_argument("--compile", action="store_true",
                     help="D2FTrain with compile=True (the first measured step waits for the compiler: more warm-up)")
+    ap.add_argument("--like-for-like", action="store_true",
+                    help="D2FTrain lora_targets=all vs TrainLoraNode, 30 measured steps each, --repeats runs, with the "
+                         "attention-only default and the frozen fwd+bwd ceiling beside (the README's headline table)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
     args = ap.parse_args(argv)
 
@@ -259,6 +357,11 @@ def main(argv=None):
         extras = {"pooled_output": torch.randn(1, 1280, generator=g)} if arch == "sdxl" else {}
         conds = [[torch.randn(1, 77, ctx_dim, generator=g), dict(extras)] for _ in range(n_images)]
         flops = forward_flops(model, latents, conds) if device == "cuda" else None
+        if args.like_for_like:
+            ckpts = {"both": (True, False), "on": (True,), "off": (False,)}[args.ckpt]
+            rows += like_for_like(nodes, model, latents, conds, arch, batches, ckpts, args.repeats, flops, peak, args.out)
+            del model
+            continue
         for batch in batches:
             for ckpt in {"both": (True, False), "on": (True,), "off": (False,)}[args.ckpt]:
                 row = {"arch": arch, "batch": batch, "checkpointing": ckpt}
@@ -290,6 +393,14 @@ def main(argv=None):
 
     meta = {"device": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "peak_bf16": peak,
             "tiny": args.tiny, "compile": args.compile}
+    if args.like_for_like:
+        with open(os.path.join(args.out, "train_like_for_like.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        table = like_for_like_table(rows, gpu, torch.__version__, meta["date"], args.repeats)
+        with open(os.path.join(args.out, "train_like_for_like.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+        return
     if args.compile:  # what the compiler could not take in one graph (each break is a host round trip)
         from torch._dynamo.utils import counters
         meta["graph_breaks"] = {reason[:300]: n for reason, n in counters["graph_break"].items()}

@@ -103,9 +103,12 @@ def train(nodes, model, latents, positive, graphs: bool, **settings):
     return {k: v.detach().float().cpu().clone() for k, v in lora.items()}
 
 
-def compare(graphed: dict, eager: dict, init: dict) -> float:
+def compare(graphed: dict, eager: dict) -> float:
+    """max |graphed − eager| over every trained tensor, relative to the largest change training made: the
+    tensors that start at zero (LoRA up factors; full mode's weight differences) are that change."""
     num = max(float((graphed[k] - eager[k]).abs().max()) for k in eager)
-    den = max(float((eager[k] - init.get(k, 0 * eager[k])).abs().max()) for k in eager)
+    moved = [k for k in eager if "lora_up" in k or k.endswith((".diff", ".diff_b"))]
+    den = max(float(eager[k].abs().max()) for k in moved)
     return num / den if den > 0 else float("inf")
 
 
@@ -139,6 +142,8 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    for backend in ("flash", "mem_efficient", "cudnn"):  # their backward accumulates with atomics
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     log = WarningLog()
     logging.getLogger().addHandler(log)
     os.makedirs(args.out, exist_ok=True)
@@ -158,15 +163,16 @@ def main(argv=None):
     grid = []
     accs = tuple(int(a) for a in args.acc.split(","))
     for mode, ckpt, acc, buckets in itertools.product(("lora", "full"), (True, False), accs, (1, 3)):
-        if args.quick and (mode == "full" or ckpt):
-            continue
+        if args.quick and (mode == "full" or ckpt) or mode == "full" and acc not in (1, 4):
+            continue  # full mode: a reload of ~1 B float32 masters per run; accumulation 1 and 4 cover it
         grid.append(dict(arch=args.arch, mode=mode, ckpt=ckpt, acc=acc, buckets=buckets, compile=False))
     grid.append(dict(arch=args.arch, mode="lora", ckpt=False, acc=2, buckets=3, compile=False, fault=True))
     if args.compile == "subset":  # compiling costs ~1 min a shape: the tiny real-layout UNet, two settings
         grid += [dict(arch="tiny", mode="lora", ckpt=False, acc=2, buckets=1, compile=True),
-                 dict(arch="tiny", mode="lora", ckpt=False, acc=4, buckets=3, compile=True)]
+                 dict(arch="tiny", mode="lora", ckpt=False, acc=4, buckets=2, compile=True)]
 
     rows = []
+    table = ""
     for s in grid:
         model = model_for(s["arch"])
         latents, positive = dataset(32, s["buckets"], 4, 768)
@@ -177,12 +183,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             log.messages.clear()
-            init = train(nodes, model, latents, positive, graphs=False, **dict(settings, steps=1, learning_rate=0.0))
             eager = train(nodes, model, latents, positive, graphs=False, **settings)
-            again = train(nodes, model, latents, positive, graphs=False, **settings)
+            if s["acc"] == 1 and s["buckets"] == 1 or s.get("fault"):  # run-to-run noise of eager training itself
+                row["floor"] = compare(train(nodes, model, latents, positive, graphs=False, **settings), eager)
             with capture_failing(s.get("fault", False)):
                 graphed, replays = graphs_used(lambda: train(nodes, model, latents, positive, graphs=True, **settings))
-            row.update(rel=compare(graphed, eager, init), floor=compare(again, eager, init), replays=replays,
+            row.update(rel=compare(graphed, eager), replays=replays,
                        warnings=[m[:300] for m in log.messages if "graph" in m.lower() or "compile" in m.lower()])
         except Exception as exc:
             row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -192,14 +198,21 @@ def main(argv=None):
         row["pass"] = row.get("rel", 1.0) <= TOLERANCE and used and row["rng"] == "ok" and not row.get("error")
         rows.append(row)
         print(json.dumps(row), flush=True)
+        table = write(rows, args)
+    print(table)
 
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "steps": args.steps, "tolerance": TOLERANCE}
+
+def write(rows, args):
+    import torch
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "tolerance": TOLERANCE}
     with open(os.path.join(args.out, "graphs_check.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"CUDA graphs vs eager, D2FTrain, {meta['device']}, torch {meta['torch']}, {meta['date']}: "
              f"{args.steps} steps, batch 2 per micro-batch, bf16, LoRA rank 8 on all targets; "
-             f"rel = max|graphed − eager| / max|eager − init|, pass: rel ≤ {TOLERANCE:g}, graphs replayed, RNG intact",
+             f"deterministic kernels and math attention on both sides; rel = max|graphed − eager| / largest trained "
+             f"change (LoRA up factors, full-mode weight differences); pass: rel ≤ {TOLERANCE:g}, graphs replayed "
+             "(or, with the capture made to fail, the fallback logged), default RNG intact",
              "", "| UNet | mode | ckpt | accumulation | buckets | compile | rel graphed vs eager | rel eager vs eager "
              "| graph replays | default RNG after | pass |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -216,7 +229,7 @@ def main(argv=None):
     lines += ["", f"{sum(r['pass'] for r in rows)} of {len(rows)} settings pass."]
     with open(os.path.join(args.out, "graphs_check.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
