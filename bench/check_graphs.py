@@ -142,8 +142,6 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
-    for backend in ("flash", "mem_efficient", "cudnn"):  # their backward accumulates with atomics
-        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     log = WarningLog()
     logging.getLogger().addHandler(log)
     os.makedirs(args.out, exist_ok=True)
@@ -175,16 +173,19 @@ def main(argv=None):
     for s in grid:
         model = model_for(s["arch"])
         latents, positive = dataset(32, s["buckets"], 4, 768)
+        # SGD: an update linear in the gradient, so rounding-level differences stay rounding-level (Adam's first
+        # steps move every weight by ≈ lr·sign(g), which turns 1-ulp noise in a near-zero gradient into a full step:
+        # measured with AdamW on an H100, two eager runs already differed by the whole trained change).
         settings = dict(mode=s["mode"], gradient_checkpointing=s["ckpt"], grad_accumulation=s["acc"],
-                        steps=args.steps, batch_size=2, compile=s["compile"],
-                        learning_rate=1e-3 if s["mode"] == "lora" else 1e-5)
+                        steps=args.steps, batch_size=2, compile=s["compile"], optimizer="sgd",
+                        learning_rate=1e-2 if s["mode"] == "lora" else 1e-4)
         row = dict(s)
         t0 = time.perf_counter()
         try:
             log.messages.clear()
             eager = train(nodes, model, latents, positive, graphs=False, **settings)
-            if s["acc"] == 1 and s["buckets"] == 1 or s.get("fault"):  # run-to-run noise of eager training itself
-                row["floor"] = compare(train(nodes, model, latents, positive, graphs=False, **settings), eager)
+            # run-to-run noise of eager training itself (nondeterministic kernels, e.g. attention backward)
+            row["floor"] = compare(train(nodes, model, latents, positive, graphs=False, **settings), eager)
             with capture_failing(s.get("fault", False)):
                 graphed, replays = graphs_used(lambda: train(nodes, model, latents, positive, graphs=True, **settings))
             row.update(rel=compare(graphed, eager), replays=replays,
@@ -194,6 +195,7 @@ def main(argv=None):
         row["rng"] = rng_ok()
         row["seconds"] = round(time.perf_counter() - t0, 1)
         used = row.get("replays", 0) > 0 if not s.get("fault") else (row.get("replays") == 0 and bool(row.get("warnings")))
+        row["within_noise"] = row.get("rel", 1.0) <= max(TOLERANCE, 2 * row.get("floor", 0.0))
         row["pass"] = row.get("rel", 1.0) <= TOLERANCE and used and row["rng"] == "ok" and not row.get("error")
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -209,7 +211,7 @@ def write(rows, args):
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"CUDA graphs vs eager, D2FTrain, {meta['device']}, torch {meta['torch']}, {meta['date']}: "
              f"{args.steps} steps, batch 2 per micro-batch, bf16, LoRA rank 8 on all targets; "
-             f"deterministic kernels and math attention on both sides; rel = max|graphed − eager| / largest trained "
+             f"SGD, deterministic cuDNN/cuBLAS on both sides; rel = max|graphed − eager| / largest trained "
              f"change (LoRA up factors, full-mode weight differences); pass: rel ≤ {TOLERANCE:g}, graphs replayed "
              "(or, with the capture made to fail, the fallback logged), default RNG intact",
              "", "| UNet | mode | ckpt | accumulation | buckets | compile | rel graphed vs eager | rel eager vs eager "
