@@ -311,11 +311,15 @@ class TrainingRun:
         if device.type == "cuda" and self.opts.get("cuda_graphs", True):
             train_net = GraphedNet(train_net, adapters.parameters())
 
-        if self.mode == "full":
-            snapshot = HostSnapshots(adapters.named_trainables()).take  # two weight copies: host memory
-        else:
-            def snapshot():
-                return adapters.state_tensors()  # detached copies already
+        take = HostSnapshots(adapters.named_trainables()).take if self.mode == "full" else adapters.state_tensors
+        # The trainer snapshots the weights at each loss read-out, just before it reports that step to `progress`
+        # (LoRA: detached copies; full: two weight copies in host memory). The latest one and its step are kept
+        # here too: what an out-of-memory error (no step count of its own) falls back to.
+        read_out = {"weights": None, "step": 0}
+
+        def snapshot():
+            read_out["weights"] = take()
+            return read_out["weights"]
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
                                          compute_dtype=self.dtype, snapshot=snapshot,
@@ -332,8 +336,10 @@ class TrainingRun:
         losses: list[float] = []
         blocks = blocks_by_class_name(unet, CHECKPOINT_BLOCKS) if self.opts["gradient_checkpointing"] else []
         self.reporter.started(start)
+        read_out["step"] = start
 
         def progress(step, new_losses, rate):
+            read_out["step"] = step  # the snapshot just taken holds this step's weights
             losses.extend(new_losses)
             self.reporter.progress(step, new_losses, rate)
 
@@ -363,7 +369,7 @@ class TrainingRun:
                 f"D2FTrain ran out of GPU memory (mode {self.mode}, batch size {c.batch_size}, "
                 f"gradient checkpointing {'on' if blocks else 'off'}). Lower batch_size (use grad_accumulation "
                 "instead), turn gradient_checkpointing on, use mode lora with a lower rank, or train at a lower "
-                "resolution.") from None
+                f"resolution.{self._keep_after_oom(read_out, start)}") from None
 
         if status == "interrupted":
             mm.interrupt_current_processing(False)  # the stop ends training only: downstream saves still run
@@ -372,6 +378,20 @@ class TrainingRun:
             self.save(step_done)
         self.reporter.finished(step_done, status)
         return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+
+    def _keep_after_oom(self, read_out: dict, start: int) -> str:
+        """Save the weights of the last loss read-out (a step cut off by the error may have half-updated the
+        live ones) and say where. The optimizer's moments may belong to later steps: dropped, as after a NaN,
+        so a resumed run starts them afresh."""
+        step = read_out["step"]
+        if step <= start or read_out["weights"] is None:
+            return ""
+        try:
+            self.adapters.load_state_tensors(read_out["weights"])
+            self.trainer.optimizer.state.clear()
+            return f" The weights of step {step} were saved to {self.save(step)}."
+        except Exception as exc:  # still out of memory, disk full, …: the original error comes first
+            return f" Saving step {step} failed too: {exc}"
 
     def _trained_model(self):
         """The input model with the trained weights as patches (never merged into shared weights)."""
