@@ -236,8 +236,10 @@ class D2FReflowPairs(io.ComfyNode):
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
                                tooltip="Time shift of the solver grid (as D2FFlowScheduler): 1 = uniform in flow time."),
                 io.String.Input("name", default="reflow",
-                                tooltip="Folder under output/d2f_couplings/. An existing folder made with the same settings "
-                                        "is continued; one made with other settings is refused."),
+                                tooltip="Folder under output/d2f_couplings/: letters, digits, '-', '_', '.' "
+                                        "(sub-folders separated by '/'; no absolute paths, no '..'). An existing "
+                                        "folder made with the same settings is continued; one made with other settings is "
+                                        "refused. Files are written whole or not at all, never replacing one."),
             ],
             outputs=[
                 CouplingsIO.Output(display_name="couplings", tooltip="The (noise, sample, prompt) pairs, for D2FTrain's couplings input."),

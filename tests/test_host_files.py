@@ -99,6 +99,25 @@ def test_bad_run_name_is_refused_before_any_work(host, sd15_model, no_model_load
     assert tree(output(host)) == before and tree(tmp_path) == outside, "a refused run wrote something"
 
 
+@pytest.mark.parametrize("name", ["../escape", "{tmp}/abs", "a/../../b", "", "a b"])
+def test_reflow_pairs_name_is_checked_before_sampling(host, sd15_model, monkeypatch, tmp_path, name):
+    """D2FReflowPairs uses the same naming rule (sub-folders allowed): refused before any sampling, nothing written."""
+    reflow = sys.modules[host.node_class("D2FReflowPairs").__module__]
+
+    class Reached:
+        def __init__(self, *a, **k):
+            raise AssertionError("D2FReflowPairs started sampling under a name it must refuse")
+    monkeypatch.setattr(reflow, "PairSampler", Reached)
+    name = name.format(tmp=tmp_path)
+    before, outside = tree(output(host)), tree(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = [[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]]
+    with pytest.raises(ValueError, match="name .* (is not allowed|is empty)"):
+        host.run("D2FReflowPairs", model=[sd15_model], positive=[prompt], negative=[negative], count=[1], width=[64],
+                 height=[64], steps=[2], cfg=[1.0], seed=[0], batch_size=[1], shift=[1.0], name=[name])
+    assert tree(output(host)) == before and tree(tmp_path) == outside
+
+
 def test_resume_from_outside_output_is_refused(host, pack, sd15_model, no_model_load, tmp_path):
     # a real, valid state outside output/ (and a symlink to it inside): both must be refused
     outside = str(tmp_path / "state.safetensors")
