@@ -18,7 +18,8 @@ and training on ε' teaches the velocity the few-step sampler needs at the state
 itself would learn a line that misses the start by (1-σ_0)·x̂0 - (D(σ_0) - σ_0)·ε, and the straightened
 flow would land on a shrunken x̂0. Files keep the drawn ε; ε' is derived when training reads the pairs.
 
-Layout of a couplings folder (every file written atomically: ``*.tmp`` then ``os.replace``):
+Layout of a couplings folder (every file written with ``files.atomic_save``: complete or absent, never
+replacing an existing file; a damaged file raises ``CouplingsError`` naming it):
 
 * ``prompts.safetensors``: the prompt table, tensors ``prompt.<kwarg>`` shaped (P, …) in float32 (the
   UNet's conditioning keyword tensors, e.g. ``context`` (P, 77, 768) and SDXL's ``y`` (P, 2816)), stored
@@ -50,10 +51,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from .bridge import FlowBridge
+from .files import DamagedFileError, atomic_save, is_temp_file, read_header, read_tensors
 from .samplers import sample_euler_flow
 
 FORMAT = "d2f_couplings"
@@ -243,14 +242,11 @@ def _identity(meta: dict) -> dict:
 HEADER_KEY = "d2f_couplings"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str, header: dict) -> str:
+def _save(tensors: dict[str, torch.Tensor], path: str, header: dict) -> str:
     """One metadata entry holding the header as sorted JSON: safetensors keeps metadata in a hash map whose
-    order varies between runs, so several entries would make equal contents give different bytes."""
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={HEADER_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
-    os.replace(tmp, path)  # an interruption never leaves a truncated file under the real name
-    return path
+    order varies between runs, so several entries would make equal contents give different bytes. A file
+    that already exists is never replaced (another writer got there first: an error)."""
+    return atomic_save(tensors, path, {HEADER_KEY: json.dumps(header, sort_keys=True, separators=(",", ":"))})
 
 
 def _header(metadata: dict | None) -> dict:
@@ -261,8 +257,19 @@ def _header(metadata: dict | None) -> dict:
 
 
 def _read_metadata(path: str) -> dict:
-    with safe_open(path, framework="pt") as f:
-        return _header(f.metadata())
+    try:
+        return _header(read_header(path, "couplings file"))
+    except DamagedFileError as exc:
+        raise CouplingsError(str(exc)) from None
+
+
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a couplings file."""
+    try:
+        tensors, metadata = read_tensors(path, "couplings file")
+    except DamagedFileError as exc:
+        raise CouplingsError(str(exc)) from None
+    return tensors, _header(metadata)
 
 
 def _folder_meta(folder: str) -> tuple[dict, int]:
@@ -346,10 +353,10 @@ class CouplingsWriter:
                 raise CouplingsError(f"'{self.folder}' holds couplings chunks but no {PROMPTS_FILE}: the folder is "
                                      "damaged. Delete it or use a new name.")
             os.makedirs(self.folder, exist_ok=True)
-            _atomic_save({f"prompt.{k}": v for k, v in prompts.items()}, prompts_path,
+            _save({f"prompt.{k}": v for k, v in prompts.items()}, prompts_path,
                          {"format": FORMAT, "meta": self.meta, "num_prompts": self.num_prompts})
         for name in os.listdir(self.folder):  # leftovers of a write that was cut off
-            if name.endswith(".tmp"):
+            if is_temp_file(name):
                 os.remove(os.path.join(self.folder, name))
         chunks = _scan_chunks(self.folder)
         self.chunks = len(chunks)
@@ -365,7 +372,7 @@ class CouplingsWriter:
                 f"the couplings in '{self.folder}' were made with different settings ({'; '.join(diffs)}). Its pairs "
                 "are samples of another model/prompt/guidance and cannot be continued: use a new name, or set the "
                 "inputs back to what they were.")
-        table = load_file(os.path.join(self.folder, PROMPTS_FILE))
+        table, _ = _read(os.path.join(self.folder, PROMPTS_FILE))
         old_prompts = {k[len("prompt."):]: v for k, v in table.items() if k.startswith("prompt.")}
         if set(old_prompts) != set(prompts) or num_prompts != self.num_prompts or any(
                 old_prompts[k].shape != prompts[k].shape or not torch.equal(old_prompts[k], prompts[k]) for k in prompts):
@@ -382,7 +389,7 @@ class CouplingsWriter:
             raise CouplingsError(f"a chunk needs noise/x0 (n, C, H, W) and prompt_index (n,), got "
                                  f"{tuple(noise.shape)}, {tuple(x0.shape)}, {tuple(prompt_index.shape)}")
         path = os.path.join(self.folder, chunk_name(self.chunks))
-        _atomic_save({"noise": noise.float(), "x0": x0.float(), "prompt_index": prompt_index.to(torch.int64)}, path,
+        _save({"noise": noise.float(), "x0": x0.float(), "prompt_index": prompt_index.to(torch.int64)}, path,
                      {"format": FORMAT, "meta": self.meta, "start": start, "count": n})
         self.chunks += 1
         self.count += n
@@ -401,20 +408,23 @@ def load_couplings(folder: str, limit: int | None = None) -> Couplings:
         raise CouplingsError(f"no Diff2Flow couplings in '{folder}' (no {PROMPTS_FILE}): make them with "
                              "D2FReflowPairs first")
     meta, _ = _folder_meta(folder)
-    table = load_file(os.path.join(folder, PROMPTS_FILE))
+    table, _ = _read(os.path.join(folder, PROMPTS_FILE))
     prompts = {k[len("prompt."):]: v for k, v in table.items() if k.startswith("prompt.")}
     noise, x0, index = [], [], []
     have = 0
     for path, _, count in _scan_chunks(folder):
         if limit is not None and have >= limit:
             break
-        with safe_open(path, framework="pt") as f:
-            chunk_meta = _header(f.metadata()).get("meta", {})
-            if _identity(chunk_meta) != _identity(meta):
-                raise CouplingsError(f"'{path}' was made with other settings than '{folder}': the folder mixes runs")
-            noise.append(f.get_tensor("noise"))
-            x0.append(f.get_tensor("x0"))
-            index.append(f.get_tensor("prompt_index"))
+        tensors, header = _read(path)
+        if _identity(header.get("meta", {})) != _identity(meta):
+            raise CouplingsError(f"'{path}' was made with other settings than '{folder}': the folder mixes runs")
+        missing = {"noise", "x0", "prompt_index"} - set(tensors)
+        if missing:
+            raise CouplingsError(f"couplings chunk '{path}' lacks {sorted(missing)}: it is damaged. Delete it and "
+                                 "the chunks after it, then rerun D2FReflowPairs to remake them.")
+        noise.append(tensors["noise"])
+        x0.append(tensors["x0"])
+        index.append(tensors["prompt_index"])
         have += count
     if not x0:
         raise CouplingsError(f"the couplings folder '{folder}' holds no pairs yet")

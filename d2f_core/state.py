@@ -2,52 +2,66 @@
 
 Layout: ``weights.<name>`` for the adaptation's tensors, ``optim.<param index>.<field>`` for the
 optimizer's per-parameter state; the metadata holds ``step``, the optimizer's param groups and any
-caller fields as JSON. Resuming from such a file continues the run exactly (the training loop's
-randomness is a function of (seed, step)).
+caller fields as JSON (``meta``). Resuming from such a file continues the run exactly (the training
+loop's randomness is a function of (seed, step)).
+
+A state only fits the run that made it: ``meta`` records what decides that (mode, LoRA rank/alpha/targets,
+the model's ``architecture_fingerprint``) and ``resume_mismatches`` compares it with a new run's settings
+from the header alone, so a mismatch is refused before any model is loaded.
+
+Files are written with ``files.atomic_save`` (a run rewrites its own state as it goes: ``replace``);
+damaged files raise ``files.DamagedFileError`` naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .files import atomic_save, read_header, read_tensors
+
+WHAT = "training state"
 
 
 def save_state(path: str, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
                step: int, meta: dict | None = None) -> str:
-    tensors = {f"weights.{k}": v.detach().contiguous().cpu() for k, v in weights.items()}
+    tensors = {f"weights.{k}": v for k, v in weights.items()}
     groups = []
     if optimizer is not None:
         sd = optimizer.state_dict()
         for idx, fields in sd["state"].items():
             for name, value in fields.items():
-                value = torch.as_tensor(value)
-                tensors[f"optim.{idx}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
         groups = sd["param_groups"]
     header = {"step": str(int(step)), "param_groups": json.dumps(groups), "meta": json.dumps(meta or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    save_file(tensors, tmp, metadata=header)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated state behind
-    return path
+    return atomic_save(tensors, path, header, replace=True)
 
 
 def read_metadata(path: str) -> dict:
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    return read_header(path, WHAT)
+
+
+def read_state_meta(path: str) -> tuple[int, dict]:
+    """(step, meta) of a training-state file, from its header only; ValueError if it is not one."""
+    header = read_metadata(path)
+    if "step" not in header:
+        raise ValueError(f"'{path}' is not a Diff2Flow training state (no step in its metadata): resume_from "
+                         "takes a state.safetensors from output/d2f_states/, not a LoRA file")
+    try:
+        return int(header["step"]), json.loads(header.get("meta", "{}"))
+    except ValueError as exc:
+        raise ValueError(f"the {WHAT} '{path}' has an unreadable header ({exc}): delete or replace that file") from None
 
 
 def load_state(path: str, optimizer: torch.optim.Optimizer | None = None, device=None):
     """Returns (weights, step, meta); loads the optimizer state into ``optimizer`` when given."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no training state at '{path}'")
-    header = read_metadata(path)
-    if "step" not in header:
-        raise ValueError(f"'{path}' is not a Diff2Flow training state (no step in its metadata)")
-    tensors = load_file(path, device=str(device) if device is not None else "cpu")
+    step, meta = read_state_meta(path)
+    tensors, header = read_tensors(path, WHAT, device=device if device is not None else "cpu")
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     if optimizer is not None:
         state: dict = {}
@@ -58,4 +72,40 @@ def load_state(path: str, optimizer: torch.optim.Optimizer | None = None, device
         groups = json.loads(header.get("param_groups", "[]"))
         if groups:
             optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return weights, int(header["step"]), json.loads(header.get("meta", "{}"))
+    return weights, step, meta
+
+
+def architecture_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the key names and shapes of a model's state dict: which architecture a state's tensors
+    fit. Weights are not read (cheap, no device work), so finetunes of one architecture share it: a LoRA
+    state carries over between them as a LoRA file does."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(f"{name}{tuple(state_dict[name].shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+# The settings a state must share with the run that resumes it. LoRA-only fields are skipped in full mode.
+RESUME_KEYS = ("mode", "rank", "alpha", "lora_targets", "model")
+LORA_ONLY = frozenset({"rank", "alpha", "lora_targets"})
+
+
+def resume_mismatches(stored: dict, wanted: dict) -> list[str]:
+    """What differs between a state's ``meta`` and a new run's settings, one readable item per field.
+    Fields the state does not record are skipped: states written before a field was recorded are
+    accepted when everything they do record matches (older states hold mode, rank and run_name only)."""
+    lora = wanted.get("mode") == "lora"
+    diffs = []
+    for key in RESUME_KEYS:
+        if key not in stored or key not in wanted or (key in LORA_ONLY and not lora):
+            continue
+        a, b = stored[key], wanted[key]
+        same = float(a) == float(b) if key == "alpha" else a == b
+        if same:
+            continue
+        if key == "model":
+            diffs.append(f"model: the state was trained on another architecture (fingerprint {a} in the state, "
+                         f"{b} for this model)")
+        else:
+            diffs.append(f"{key} {a!r} in the state, {b!r} in this run")
+    return diffs

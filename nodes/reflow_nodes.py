@@ -22,6 +22,7 @@ from ..d2f_core import __version__ as PACK_VERSION
 from ..d2f_core.couplings import (Couplings, CouplingsError, CouplingsWriter, folder_pair_count, generate,
                                   is_couplings_folder, load_couplings)
 from ..d2f_core.data import _common_length, stack_conditioning
+from ..d2f_core.files import folder_name, resolve_inside
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
 from .train_inputs import _conditioning_entries, bridge_sampling_of, unet_kwargs
 
@@ -42,15 +43,9 @@ def couplings_root() -> str:
 
 
 def couplings_folder(name: str) -> str:
-    """output/d2f_couplings/<name>; names may contain sub-folders but never leave output/d2f_couplings."""
-    name = (name or "").strip().strip("/\\")
-    if not name:
-        raise ValueError("name is empty: give the couplings a folder name (it goes under output/d2f_couplings/)")
-    root = os.path.abspath(couplings_root())
-    path = os.path.abspath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root or path == root:
-        raise ValueError(f"name '{name}' must be a folder name inside output/{COUPLINGS_DIR}/ (no '..', no absolute paths)")
-    return path
+    """output/d2f_couplings/<name>, for writing: ``name`` is checked by the pack's one rule for the names it
+    creates (plain names, '/'-separated sub-folders allowed), so it never leaves output/d2f_couplings."""
+    return os.path.join(couplings_root(), folder_name(name, f"name (a folder inside output/{COUPLINGS_DIR}/)"))
 
 
 def list_couplings_folders() -> list[str]:
@@ -241,8 +236,10 @@ class D2FReflowPairs(io.ComfyNode):
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01,
                                tooltip="Time shift of the solver grid (as D2FFlowScheduler): 1 = uniform in flow time."),
                 io.String.Input("name", default="reflow",
-                                tooltip="Folder under output/d2f_couplings/. An existing folder made with the same settings "
-                                        "is continued; one made with other settings is refused."),
+                                tooltip="Folder under output/d2f_couplings/: letters, digits, '-', '_', '.' "
+                                        "(sub-folders separated by '/'; no absolute paths, no '..'). An existing "
+                                        "folder made with the same settings is continued; one made with other settings is "
+                                        "refused. Files are written whole or not at all, never replacing one."),
             ],
             outputs=[
                 CouplingsIO.Output(display_name="couplings", tooltip="The (noise, sample, prompt) pairs, for D2FTrain's couplings input."),
@@ -403,7 +400,8 @@ class D2FLoadReflowPairs(io.ComfyNode):
         if not name or name == NO_FOLDERS:
             raise ValueError(f"no couplings in output/{COUPLINGS_DIR}/ yet: make them with D2FReflowPairs (then refresh), "
                              "or type a folder in path")
-        return couplings_folder(name)
+        # reading: any folder listed under output/d2f_couplings (also ones named before the naming rule)
+        return resolve_inside(couplings_root(), name, "name")
 
     @classmethod
     def fingerprint_inputs(cls, name, path=None, limit=0):

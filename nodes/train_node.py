@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import time
 
 import comfy.model_management as mm
 import comfy.sd
-import comfy.utils
-import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -23,9 +19,12 @@ from ..d2f_core.losses import TIME_SAMPLINGS
 from ..d2f_core.precision import cast_for_training
 from ..d2f_core.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
 from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
-from ..d2f_core.state import load_state, save_state
+from ..d2f_core.files import plain_name
+from ..d2f_core.state import (architecture_fingerprint, load_state, read_state_meta, resume_mismatches,
+                              save_state)
 from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
+from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
 
@@ -38,17 +37,22 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
-def _output_path(*parts: str) -> str:
-    path = os.path.join(folder_paths.get_output_directory(), *parts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return path
+def run_identity(model, opts: dict) -> dict:
+    """What a resumable state must share with the run that resumes it (``resume_mismatches``), recorded in
+    every state this run writes. Read from the model's key names and shapes only: no device work."""
+    return {"mode": opts["mode"], "rank": int(opts["rank"]), "alpha": float(opts["alpha"] or opts["rank"]),
+            "lora_targets": opts.get("lora_targets", "attention"),
+            "model": architecture_fingerprint(model.model.diffusion_model.state_dict())}
 
 
-def _resolve_state_path(path: str) -> str:
-    path = path.strip()
-    if os.path.isabs(path):
-        return path
-    return os.path.join(folder_paths.get_output_directory(), path)
+def check_resume(path: str, identity: dict) -> None:
+    """Refuse a state that does not fit this run, from its header alone (before the model is loaded)."""
+    _, stored = read_state_meta(path)
+    diffs = resume_mismatches(stored, identity)
+    if diffs:
+        raise ValueError(f"resume_from '{path}' does not fit this run: {'; '.join(diffs)}. Set these inputs back "
+                         "to what the state was trained with (or load the same model), or clear resume_from to "
+                         "start a new run.")
 
 
 class D2FTrain(io.ComfyNode):
@@ -124,12 +128,19 @@ class D2FTrain(io.ComfyNode):
                              tooltip="The sampler grid whose step size one rollout step takes: the step count you sample with."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, times and batches."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
-                             tooltip="Save the LoRA and a resumable state every N steps (0: only at the end)."),
+                             tooltip="Also save the LoRA and the resumable state every N steps (0: only at the end). "
+                                     "The end of every run saves too (finished, stopped, or reset after a NaN "
+                                     f"loss), once per step: {WHERE}."),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
                              tooltip="Show a flow-Euler sample on the node every N steps (0: never)."),
-                io.String.Input("run_name", default="d2f_lora", tooltip="Name of the saved files under output/loras and output/d2f_states."),
+                io.String.Input("run_name", default="d2f_lora",
+                                tooltip="Names this run's files: letters, digits, '-', '_', '.' (no folders). Each run "
+                                        f"gets a new number NNNNN, so no run replaces another's files: {WHERE}."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="A .state.safetensors written by an earlier run (path, or relative to output/)."),
+                                tooltip="Continue an earlier run from its state, e.g. d2f_states/d2f_lora_00001/"
+                                        "state.safetensors (relative to output/, or an absolute path inside it). It "
+                                        "needs the same model, mode, rank, alpha and lora_targets. The resumed run "
+                                        "writes under a new number and leaves that state as it is."),
                 io.Boolean.Input("compile", default=False, advanced=True, optional=True,
                                  tooltip="torch.compile the UNet's training step: 20–35% faster steps with "
                                          "gradient_checkpointing off (no gain with it on), after a one-time "
@@ -156,6 +167,13 @@ class D2FTrain(io.ComfyNode):
         model = _first(model)
         opts = {k: _first(v) for k, v in options.items()}
         resume_from = (_first(resume_from) or "").strip()
+        # Names and files first: nothing below may start on a name that writes elsewhere or a state that won't fit.
+        run_name = plain_name(opts["run_name"], "run_name")
+        identity = run_identity(model, opts)
+        resume_path = None
+        if resume_from:
+            resume_path = resume_state_path(resume_from)
+            check_resume(resume_path, identity)
         config = TrainConfig(
             steps=opts["steps"], batch_size=opts["batch_size"], grad_accumulation=opts["grad_accumulation"],
             learning_rate=opts["learning_rate"], warmup_steps=opts["warmup_steps"], lr_schedule=opts["lr_schedule"],
@@ -178,40 +196,39 @@ class D2FTrain(io.ComfyNode):
         empty = empty_prompt_kwargs(model, _first(empty_conditioning), buckets[0][0].shape[1:])
         if config.caption_dropout > 0 and empty is None:
             raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
-        if resume_from and not os.path.exists(_resolve_state_path(resume_from)):
-            raise FileNotFoundError(f"resume_from: no training state at '{_resolve_state_path(resume_from)}'")
 
         with torch.inference_mode(False):
-            run = TrainingRun(model, sampling, buckets, empty, config, opts, cls.hidden.unique_id)
-            return run.execute(resume_from)
+            run = TrainingRun(model, sampling, buckets, empty, config, opts, cls.hidden.unique_id, run_name, identity)
+            return run.execute(resume_path)
 
 
 class TrainingRun:
     """One training run on a private copy of the model (the loader's model is never touched)."""
 
-    def __init__(self, model, sampling, buckets, empty, config: TrainConfig, opts: dict, node_id):
+    def __init__(self, model, sampling, buckets, empty, config: TrainConfig, opts: dict, node_id, run_name: str,
+                 identity: dict):
         self.model, self.sampling, self.bridge = model, sampling, sampling.bridge
         self.buckets, self.empty, self.config, self.opts = buckets, empty, config, opts
         self.mode = opts["mode"]
         self.dtype = DTYPES[opts["training_dtype"]]
-        self.run_name = opts["run_name"].strip() or "d2f_lora"
+        self.run_name, self.identity = run_name, identity
         self.reporter = TrainingReporter(node_id, config.steps)
-        self.last_save = None
+        self.files: RunFiles | None = None
+        self.resumed_from: str | None = None
 
     # --- files ------------------------------------------------------------------------------------
-    def lora_path(self, step: int) -> str:
-        return _output_path("loras", f"{self.run_name}_{step:06d}_steps.safetensors")
-
-    def state_path(self) -> str:
-        return _output_path("d2f_states", f"{self.run_name}.state.safetensors")
-
     def save(self, step: int) -> str:
-        comfy.utils.save_torch_file(self.adapters.export(), self.lora_path(step))
-        save_state(self.state_path(), self.adapters.state_tensors(), self.trainer.optimizer, step,
-                   {"mode": self.mode, "rank": self.opts["rank"], "run_name": self.run_name})
-        self.last_save = self.lora_path(step)
-        self.reporter.saved(step, self.last_save)
-        return self.last_save
+        """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``)."""
+        meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
+
+        def write_state(path):
+            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta)
+        try:
+            path = self.files.save(step, self.adapters.export(), write_state)
+        except OSError as exc:
+            raise RuntimeError(f"D2FTrain could not save step {step}: {exc}. {self.files.kept()}") from exc
+        self.reporter.saved(step, path)
+        return path
 
     # --- setup ------------------------------------------------------------------------------------
     def _private_model(self):
@@ -255,15 +272,19 @@ class TrainingRun:
         self.reporter.preview(step, x0, self.model.get_model_object("latent_format"), self.device)
 
     # --- the run ----------------------------------------------------------------------------------
-    def execute(self, resume_from: str) -> io.NodeOutput:
-        private = self._private_model()
+    def execute(self, resume_path: str | None) -> io.NodeOutput:
+        self.files = RunFiles(self.run_name)  # before the model load: an unwritable output folder fails early
         try:
-            return self._train(private, resume_from)
+            private = self._private_model()
+            try:
+                return self._train(private, resume_path)
+            finally:
+                mm.unload_model_and_clones(private)
+                mm.soft_empty_cache()
         finally:
-            mm.unload_model_and_clones(private)
-            mm.soft_empty_cache()
+            self.files.release()  # gives the number back if nothing was saved
 
-    def _train(self, private, resume_from: str) -> io.NodeOutput:
+    def _train(self, private, resume_path: str | None) -> io.NodeOutput:
         c = self.config
         self.device = device = private.load_device
         unet = private.model.diffusion_model
@@ -290,28 +311,35 @@ class TrainingRun:
         if device.type == "cuda" and self.opts.get("cuda_graphs", True):
             train_net = GraphedNet(train_net, adapters.parameters())
 
-        if self.mode == "full":
-            snapshot = HostSnapshots(adapters.named_trainables()).take  # two weight copies: host memory
-        else:
-            def snapshot():
-                return adapters.state_tensors()  # detached copies already
+        take = HostSnapshots(adapters.named_trainables()).take if self.mode == "full" else adapters.state_tensors
+        # The trainer snapshots the weights at each loss read-out, just before it reports that step to `progress`
+        # (LoRA: detached copies; full: two weight copies in host memory). The latest one and its step are kept
+        # here too: what an out-of-memory error (no step count of its own) falls back to.
+        read_out = {"weights": None, "step": 0}
+
+        def snapshot():
+            read_out["weights"] = take()
+            return read_out["weights"]
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
                                          compute_dtype=self.dtype, snapshot=snapshot,
                                          restore=adapters.load_state_tensors)
         start = 0
-        if resume_from:
-            weights, start, _ = load_state(_resolve_state_path(resume_from), trainer.optimizer, device=device)
+        if resume_path:
+            weights, start, _ = load_state(resume_path, trainer.optimizer, device=device)
             adapters.load_state_tensors(weights)
-            logging.info(f"D2FTrain: resumed '{resume_from}' at step {start}")
+            self.resumed_from = resume_path
+            logging.info(f"D2FTrain: resumed '{resume_path}' at step {start}")
 
         status = "done"
         step_done = start
         losses: list[float] = []
         blocks = blocks_by_class_name(unet, CHECKPOINT_BLOCKS) if self.opts["gradient_checkpointing"] else []
         self.reporter.started(start)
+        read_out["step"] = start
 
         def progress(step, new_losses, rate):
+            read_out["step"] = step  # the snapshot just taken holds this step's weights
             losses.extend(new_losses)
             self.reporter.progress(step, new_losses, rate)
 
@@ -341,15 +369,29 @@ class TrainingRun:
                 f"D2FTrain ran out of GPU memory (mode {self.mode}, batch size {c.batch_size}, "
                 f"gradient checkpointing {'on' if blocks else 'off'}). Lower batch_size (use grad_accumulation "
                 "instead), turn gradient_checkpointing on, use mode lora with a lower rank, or train at a lower "
-                "resolution.") from None
+                f"resolution.{self._keep_after_oom(read_out, start)}") from None
 
         if status == "interrupted":
             mm.interrupt_current_processing(False)  # the stop ends training only: downstream saves still run
             logging.info(f"D2FTrain: stopped at step {step_done}; keeping what was trained")
-        if status == "interrupted" or self.opts["save_every"] > 0:
+        if step_done > start:  # every run that trained ends saved (once per step: a due save is not redone)
             self.save(step_done)
         self.reporter.finished(step_done, status)
         return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+
+    def _keep_after_oom(self, read_out: dict, start: int) -> str:
+        """Save the weights of the last loss read-out (a step cut off by the error may have half-updated the
+        live ones) and say where. The optimizer's moments may belong to later steps: dropped, as after a NaN,
+        so a resumed run starts them afresh."""
+        step = read_out["step"]
+        if step <= start or read_out["weights"] is None:
+            return ""
+        try:
+            self.adapters.load_state_tensors(read_out["weights"])
+            self.trainer.optimizer.state.clear()
+            return f" The weights of step {step} were saved to {self.save(step)}."
+        except Exception as exc:  # still out of memory, disk full, …: the original error comes first
+            return f" Saving step {step} failed too: {exc}"
 
     def _trained_model(self):
         """The input model with the trained weights as patches (never merged into shared weights)."""

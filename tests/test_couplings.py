@@ -15,6 +15,7 @@ from d2f_core.couplings import (INFO_KEYS, PROMPTS_FILE, Couplings, CouplingsErr
                                 pair_noise,
                                 prompt_indices, solve_flow_ode)
 from d2f_core.data import LatentBuckets
+from d2f_core.files import TEMP_SUFFIX
 from d2f_core.losses import diff2flow_loss
 from d2f_core.bridge import interpolate
 from d2f_core.samplers import flow_sigmas
@@ -108,8 +109,8 @@ def test_resume_after_interruption_writes_identical_files(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path / "resumed", count=10, batch=4, fail_after=1)
     assert folder_pair_count(str(tmp_path / "resumed")) == 4  # the finished chunk survived
-    # a write that was cut off mid-file leaves only a .tmp, which the next open removes
-    open(tmp_path / "resumed" / (chunk_name(1) + ".tmp"), "wb").write(b"partial")
+    # a write that was cut off mid-file leaves only a temp file (atomic_save's naming), which the next open removes
+    open(tmp_path / "resumed" / f".{chunk_name(1)}.0123456789ab{TEMP_SUFFIX}", "wb").write(b"partial")
     writer, calls = write(tmp_path / "resumed", count=10, batch=4)
     assert calls == [4, 8] and writer.count == 10  # continued from pair 4, nothing redone
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "straight")

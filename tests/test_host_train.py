@@ -188,6 +188,28 @@ def saved_lora(path) -> dict:
     return safetensors.torch.load_file(path)
 
 
+# Where D2FTrain's files go (nodes/run_files.py): every run takes a new counter NNNNN,
+# output/loras/<run_name>_<NNNNN>_<step:06d>_steps.safetensors and output/d2f_states/<run_name>_<NNNNN>/state.safetensors.
+def run_counters(host, run_name) -> list[int]:
+    """Counters of the runs named ``run_name`` that saved (their state folders), oldest first."""
+    states = os.path.join(host.folder_paths.get_output_directory(), "d2f_states")
+    found = [re.fullmatch(re.escape(run_name) + r"_(\d{5})", n) for n in os.listdir(states)] if os.path.isdir(states) else []
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def state_file(host, run_name, counter=None, relative=False) -> str:
+    """The state of run ``<run_name>_<counter>`` (default: the newest); ``relative``: as resume_from takes it."""
+    counter = run_counters(host, run_name)[-1] if counter is None else counter
+    rel_path = os.path.join("d2f_states", f"{run_name}_{counter:05d}", "state.safetensors")
+    return rel_path if relative else os.path.join(host.folder_paths.get_output_directory(), rel_path)
+
+
+def lora_file(host, run_name, step, counter=None) -> str:
+    """The LoRA file run ``<run_name>_<counter>`` (default: the newest) saved at ``step``."""
+    counter = run_counters(host, run_name)[-1] if counter is None else counter
+    return os.path.join(host.folder_paths.get_output_directory(), "loras", f"{run_name}_{counter:05d}_{step:06d}_steps.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. the loss is DESIGN §2's objective, through the patched model's own model_sampling
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +350,7 @@ def test_lora_interop_with_core_nodes(host, pack, sd15_model, lora_run, lora_dir
     assert len(written) == 1, written
     on_disk = saved_lora(written[0])
     assert max_tensor_diff(on_disk, out.lora) == 0.0
-    own = os.path.join(lora_dir, f"interop_{LORA_STEPS:06d}_steps.safetensors")  # D2FTrain's save_every file
+    own = lora_file(host, "interop", LORA_STEPS)  # D2FTrain's save_every file
     assert os.path.exists(own) and max_tensor_diff(saved_lora(own), out.lora) == 0.0
 
     with caplog.at_level(logging.WARNING):
@@ -371,7 +393,7 @@ def test_lora_interop_with_core_nodes(host, pack, sd15_model, lora_run, lora_dir
         mp.setattr(pack.training, "sample_sigmas", lambda n, *a, **k: fixed[:n].clone())
         mp.setattr(pack.training, "interpolate", spy)
         again = train(host, sd15_model, latents, positive, steps=LORA_STEPS + 1, batch_size=3, learning_rate=LORA_LR,
-                      alpha=LORA_ALPHA, lora_targets="all", run_name="interop_check", resume_from="d2f_states/interop.state.safetensors")
+                      alpha=LORA_ALPHA, lora_targets="all", run_name="interop_check", resume_from=state_file(host, "interop", relative=True))
     assert again.steps == LORA_STEPS + 1 and len(again.losses) == 1 and len(seen) == 1
     x0_used, noise = seen[0]
     images = SD15_SCALE * torch.cat([l["samples"] for l in latents])
@@ -482,7 +504,7 @@ def test_resume_equals_straight_run(host, pack, sd15_model, lora_dir, record_mea
     common = dict(batch_size=2, learning_rate=2e-3, lora_targets="all", save_every=2)
     straight = train(host, sd15_model, latents, positive, steps=4, run_name="resume_straight", **common)
     first = train(host, sd15_model, latents, positive, steps=2, run_name="resume_split", **common)
-    state_path = os.path.join(host.folder_paths.get_output_directory(), "d2f_states", "resume_split.state.safetensors")
+    state_path = state_file(host, "resume_split")
     assert os.path.exists(state_path) and pack.state.read_metadata(state_path)["step"] == "2"
     # for the teeth below: the same step-2 state without the optimizer's moments (weights and step only)
     import safetensors.torch
@@ -491,13 +513,13 @@ def test_resume_equals_straight_run(host, pack, sd15_model, lora_dir, record_mea
                                  if not k.startswith("optim.")}, no_moments_path,
                                 metadata=pack.state.read_metadata(state_path))
     second = train(host, sd15_model, latents, positive, steps=4, run_name="resume_split",
-                   resume_from="d2f_states/resume_split.state.safetensors", **common)
+                   resume_from=state_file(host, "resume_split", relative=True), **common)
     assert (first.steps, second.steps, straight.steps) == (2, 4, 4)
     d = max_tensor_diff(second.lora, straight.lora)
     record_measure("resumed 2+2 vs straight 4 steps: max |ΔLoRA|", d, f"≤ {RESUME_TOL:g}")
     assert d <= RESUME_TOL
     assert rel(first.losses + second.losses, straight.losses) <= RESUME_TOL
-    assert max_tensor_diff(saved_lora(os.path.join(lora_dir, "resume_split_000004_steps.safetensors")),
+    assert max_tensor_diff(saved_lora(lora_file(host, "resume_split", 4)),
                            straight.lora) <= RESUME_TOL
 
     # teeth: resuming the weights without the optimizer's moments ends elsewhere
@@ -567,10 +589,10 @@ def test_stop_button_keeps_what_was_trained(host, pack, sd15_model, lora_dir, mo
     assert len(out.losses) == out.steps
     assert not mm.processing_interrupted(), "the stop flag leaked out of D2FTrain"
     host.nodes.before_node_execution()  # what the executor calls before the next node: must not raise
-    path = os.path.join(lora_dir, f"{run_name}_{out.steps:06d}_steps.safetensors")
+    path = lora_file(host, run_name, out.steps)
     assert os.path.exists(path), os.listdir(lora_dir)
     assert max_tensor_diff(saved_lora(path), out.lora) == 0.0
-    state_path = os.path.join(host.folder_paths.get_output_directory(), "d2f_states", f"{run_name}.state.safetensors")
+    state_path = state_file(host, run_name)
     assert pack.state.read_metadata(state_path)["step"] == str(out.steps)
     host.run_output_node("SaveLoRA", lora=out.lora, prefix=f"loras/d2f_test_{run_name}", steps=out.steps)
     # what was kept is exactly the last completed step's weights (an interrupted step leaves no trace)
@@ -609,7 +631,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(host, pack, sd15_model, lo
     last_read = (bad - 1) // sync_every * sync_every
     assert good == (last_read if bad > last_read + 1 else max(last_read - sync_every, 0)), message
     assert good > 0, "the NaN came before any good step was read back: pick another seed/rate"
-    path = os.path.join(lora_dir, f"{run_name}_{good:06d}_steps.safetensors")
+    path = lora_file(host, run_name, good)
     assert path in message and os.path.exists(path), message
     kept = saved_lora(path)
     assert all(torch.isfinite(v).all() for v in kept.values())
@@ -619,7 +641,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good(host, pack, sd15_model, lo
     record_measure(f"LoRA kept after NaN at step {bad} vs clean {good}-step run", d, "= 0")
     assert d == 0.0
     # ... and its training state resumes: with a sane learning rate training goes on, finite
-    state_path = os.path.join(host.folder_paths.get_output_directory(), "d2f_states", f"{run_name}.state.safetensors")
+    state_path = state_file(host, run_name)
     assert pack.state.read_metadata(state_path)["step"] == str(good)
     on = train(host, sd15_model, latents, positive, run_name=f"{run_name}_resumed", resume_from=state_path,
                **dict(NAN_OPTIONS, steps=good + 2, learning_rate=1e-4))
@@ -648,7 +670,7 @@ def test_full_mode_nan_restores_from_host_snapshots(host, pack, sd15_model, lora
     good = int(re.search(r"last good state \(step (\d+)\)", message).group(1))
     assert len(used) == 1 and used[0].taken >= 3, "full mode did not snapshot through HostSnapshots"
     assert good > 0, message
-    path = os.path.join(lora_dir, f"nan_full_{good:06d}_steps.safetensors")
+    path = lora_file(host, "nan_full", good)
     assert path in message and os.path.exists(path), message
     clean = train(host, sd15_model, latents, positive, run_name="nan_full_clean", **dict(options, steps=good))
     assert max_tensor_diff(saved_lora(path), clean.lora) == 0.0
