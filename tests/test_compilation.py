@@ -42,7 +42,11 @@ def test_compiled_training_follows_eager_training():
     assert result.losses == pytest.approx(base.losses, rel=1e-4)
     for (k, a), b in zip(base_adapters.state_tensors().items(), adapters.state_tensors().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
-    assert result.losses[-1] < result.losses[0]
+    # and it trained: the weights moved well beyond the agreement asked of the two runs (a per-step loss is no
+    # evidence: it swings with the drawn flow time far more than six steps change it)
+    moved = max(float((b - a).abs().max()) for a, b in zip(lora_setup()[1].state_tensors().values(),
+                                                            adapters.state_tensors().values()))
+    assert moved > 1e-3
 
 
 def _failing_backward_backend():
