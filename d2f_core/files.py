@@ -133,10 +133,15 @@ def _new_temp(path: str) -> str:
 
 
 def _fsync(path: str, directory: bool = False) -> None:
+    """Flush a file's data (errors raise) or a folder's entries (best effort: after the rename the file is
+    already complete under its name; the folder sync only makes the rename survive a power cut)."""
     if directory:
         if os.name == "nt":  # Windows cannot open folders for fsync; its renames are journaled
             return
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
     else:
         fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
