@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from d2f_core import schedule as schedule_module
-from d2f_core.bridge import FlowBridge
-from d2f_core.couplings import noise_through_start
-from d2f_core.data import LatentBuckets
-from d2f_core.losses import sample_sigmas
-from d2f_core.scheduled_sampling import ScheduledSampling
-from d2f_core.schedule import DiscreteSchedule
-from d2f_core.training import TrainConfig, Trainer
+from d2f_core.flow.bridge import FlowBridge
+from d2f_core.training.couplings import noise_through_start
+from d2f_core.training.data import LatentBuckets
+from d2f_core.flow.losses import sample_sigmas
+from d2f_core.training.scheduled_sampling import ScheduledSampling
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_core.training.trainer import TrainConfig, Trainer
 from float64_guard import Float64Guard
 
 SD = DiscreteSchedule.stable_diffusion()

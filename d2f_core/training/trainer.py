@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from .bridge import FlowBridge, interpolate
+from ..flow.bridge import FlowBridge, interpolate
 from .data import LatentBuckets
-from .losses import diff2flow_loss, native_loss, sample_sigmas
+from ..flow.losses import diff2flow_loss, native_loss, sample_sigmas
 from .scheduled_sampling import ScheduledSampling, rollout
 
 OBJECTIVES = ("diff2flow", "native")
@@ -117,7 +117,7 @@ class Trainer:
     ``compute_dtype`` (the dtype of its weights); the loss is always taken in float32 or better;
     ``params`` the tensors to train; ``snapshot()``/``restore(state)`` give the last good state back
     after a non-finite loss. At most two snapshots are referenced at a time, and ``snapshot()`` is called
-    only after the older of them was released (so :class:`~d2f_core.snapshots.HostSnapshots` with two slots
+    only after the older of them was released (so :class:`~d2f_core.training.snapshots.HostSnapshots` with two slots
     may serve it). Caption dropout swaps a sample's conditioning for the data's empty prompt
     with probability ``caption_dropout``.
     """
