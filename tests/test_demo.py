@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2f_core import cli
+from d2f_app import cli
 from d2f_app.datasets import digits_tensor, load_digits
 from d2f_core.flow.bridge import FlowBridge, flow_sigma, vp_scale
 from d2f_app.demo import FINETUNE_ROWS, FLOW, NATIVE, reflow_couplings, simple_labels, unconditional_data
