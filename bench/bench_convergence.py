@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_quality import (ROOT, BenchConfig, _mean_std, convergence, convergence_report,  # noqa: E402
                            convergence_targets, machine)
-from d2f_core.schedule import DiscreteSchedule  # noqa: E402
+from d2f_core.flow.schedule import DiscreteSchedule  # noqa: E402
 
 
 def main(argv=None) -> int:

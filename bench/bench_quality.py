@@ -4,9 +4,9 @@
     python bench/bench_quality.py --quick         # minutes; smoke run, numbers not meaningful
     python bench/bench_quality.py --out DIR --tag NAME --threads N --train-seeds K
 
-Everything is the demo's setting (``d2f_core.demo``): the bundled 8×8 digits upscaled to 16×16 in [-1, 1],
-tiny UNets (``d2f_core.tiny_unet``) trained natively on the Stable Diffusion schedule (T = 1000), EMA
-weights; fine-tunes through ``d2f_core.training.Trainer``. Two experiments:
+Everything is the demo's setting (``d2f_app.demo``): the bundled 8×8 digits upscaled to 16×16 in [-1, 1],
+tiny UNets (``d2f_app.tiny_unet``) trained natively on the Stable Diffusion schedule (T = 1000), EMA
+weights; fine-tunes through ``d2f_core.training.trainer.Trainer``. Two experiments:
 
 A. **Few-step quality.** For an ε- and a v-model: rows native DDIM, flow patch zero-shot (flow Euler through
    the bridge, no training), Diff2Flow fine-tune, + scheduled sampling, + Reflow (the demo's
@@ -14,7 +14,7 @@ A. **Few-step quality.** For an ε- and a v-model: rows native DDIM, flow patch 
    (the same σ grid for every row). Cell: Fréchet distance to the held-out digits, mean ± std over
    ``--seeds`` sampling seeds (noise sets) × ``--train-seeds`` training seeds. Ablation row "+ Reflow, ε
    coupling": the same Reflow trained on (x̂0, ε) instead of the start-consistent (x̂0, ε')
-   (``d2f_core.demo.reflow_couplings``).
+   (``d2f_app.demo.reflow_couplings``).
 
 B. **Convergence to a new target** (the paper's comparison). An ε- and a v-model pretrained natively on digits
    0–4 are each fine-tuned on digits 5–9 three ways, with the same Trainer settings, batches and seed:
@@ -27,7 +27,7 @@ B. **Convergence to a new target** (the paper's comparison). An ε- and a v-mode
 
    FD to held-out 5–9 digits at a fixed list of training steps, mean ± std over ``--train-seeds``.
 
-Feature spaces (``d2f_core.metrics``), both fixed before any sample is generated:
+Feature spaces (``d2f_app.metrics``), both fixed before any sample is generated:
   * pixel PCA: top-16 principal components of the training digits' pixels (of 5–9's training digits in B);
   * random conv: a seeded random 2-layer ReLU conv net, 4×4-pooled, projected to 32 dims, per-feature
     std 1 on the same training digits.
@@ -57,14 +57,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from d2f_core.bridge import FlowBridge  # noqa: E402
-from d2f_core.datasets import digits_tensor, split_indices  # noqa: E402
-from d2f_core.demo import (FINETUNE_ROWS, FLOW, NATIVE, PREDICTIONS, REFLOW_RAW, DemoConfig, finetune,  # noqa: E402
+from d2f_core.flow.bridge import FlowBridge  # noqa: E402
+from d2f_app.datasets import digits_tensor, split_indices  # noqa: E402
+from d2f_app.demo import (FINETUNE_ROWS, FLOW, NATIVE, PREDICTIONS, REFLOW_RAW, DemoConfig, finetune,  # noqa: E402
                            finetune_config, finetune_variants, sample_flow_euler, sample_native_ddim, simple_labels,
                            train_native, unconditional_data)
-from d2f_core.metrics import PixelPCAFrechet, RandomConvFrechet  # noqa: E402
-from d2f_core.schedule import DiscreteSchedule  # noqa: E402
-from d2f_core.tiny_unet import TinyUNet  # noqa: E402
+from d2f_app.metrics import PixelPCAFrechet, RandomConvFrechet  # noqa: E402
+from d2f_core.flow.schedule import DiscreteSchedule  # noqa: E402
+from d2f_app.tiny_unet import TinyUNet  # noqa: E402
 
 STEPS = (1, 2, 4, 8, 25, 50)
 ROWS = (NATIVE, FLOW) + tuple(row for row, _ in FINETUNE_ROWS)
@@ -335,11 +335,11 @@ def report(b: BenchConfig, a: dict, bres: dict, tg: list[dict], info: dict) -> s
          "(the machine was shared: wall times are upper bounds). "
          f"Wall time {info['wall_seconds'] / 60:.1f} min (A {info['a_seconds'] / 60:.1f}, B {info['b_seconds'] / 60:.1f}). "
          f"Command: `{info['command']}`.", "",
-         "Setting: the demo's (`d2f_core/demo.py`): bundled 8×8 digits upscaled to 16×16, tiny UNet "
+         "Setting: the demo's (`d2f_app/demo.py`): bundled 8×8 digits upscaled to 16×16, tiny UNet "
          "(394,769 params), SD schedule (T = 1000), native training with EMA, fine-tunes through "
-         "`d2f_core.training.Trainer` (batch 64, cosine LR 5e-4, uniform flow time). Sampling on the host's "
+         "`d2f_core.training.trainer.Trainer` (batch 64, cosine LR 5e-4, uniform flow time). Sampling on the host's "
          "`simple` integer-label grid for every row (flow rows: σ_i = φ(ς_{n_i}), start D(σ_0)·ε).", "",
-         "Feature spaces (fixed before sampling, `d2f_core/metrics.py`):", ""]
+         "Feature spaces (fixed before sampling, `d2f_app/metrics.py`):", ""]
     for key, desc in a["metrics"].items():
         L.append(f"- **{key}**: {desc}")
     L += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -353,7 +353,7 @@ def report(b: BenchConfig, a: dict, bres: dict, tg: list[dict], info: dict) -> s
           "rows sample with flow Euler."
           + (f" Ablation \"{REFLOW_RAW}\": the same Reflow trained on (x̂0, ε) instead of (x̂0, ε'), "
              "ε' = (D(σ_0)·ε − (1−σ_0)·x̂0)/σ_0 the noise whose straight line passes through the sampler's actual "
-             "start D(σ_0)·ε at σ_0 = σ_max = 0.936 (`d2f_core.demo.reflow_couplings`)." if b.reflow_ablation else ""),
+             "start D(σ_0)·ε at σ_0 = σ_max = 0.936 (`d2f_app.demo.reflow_couplings`)." if b.reflow_ablation else ""),
           ""]
     rows = ROWS + ((REFLOW_RAW,) if b.reflow_ablation else ())
     for key in METRICS:

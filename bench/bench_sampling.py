@@ -672,7 +672,7 @@ def main():
                 "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
                 "comfyui": comfyui_version.__version__, "comfyui_path": host,
                 "code_digest": file_digest(["nodes/flow_sampling.py", "nodes/flow_nodes.py",
-                                            "d2f_core/bridge.py", "d2f_core/schedule.py"]),
+                                            "d2f_core/flow/bridge.py", "d2f_core/flow/schedule.py"]),
                 "peer": {"path": args.peer, "loaded": peer_ok, "error": peer_err,
                          "commit": (Path(args.peer).resolve().parent / "COMMIT").read_text().strip()
                          if args.peer and (Path(args.peer).resolve().parent / "COMMIT").exists() else None}},

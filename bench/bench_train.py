@@ -329,7 +329,7 @@ def main(argv=None):
     nodes = boot_host()
     if args.graph_eager_first is not None:
         for name, mod in list(sys.modules.items()):
-            if name.endswith("d2f_core.graphs"):
+            if name.endswith("d2f_core.training.graphs"):
                 init = mod.GraphedNet.__init__
                 mod.GraphedNet.__init__ = (lambda self, *a, _init=init, **k:
                                            _init(self, *a, **dict(k, eager_first=args.graph_eager_first)))

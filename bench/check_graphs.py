@@ -71,7 +71,7 @@ def capture_failing(on: bool):
         yield
         return
     import torch
-    graphs = next(m for n, m in sys.modules.items() if n.endswith("d2f_core.graphs"))
+    graphs = next(m for n, m in sys.modules.items() if n.endswith("d2f_core.training.graphs"))
     real = graphs._Positional.forward
 
     def syncing(self, *args):

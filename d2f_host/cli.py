@@ -9,7 +9,7 @@ executor. Outputs are written where ComfyUI writes them: its output directory, o
 ComfyUI must run under a Python that has its packages (psutil, aiohttp, …), which the venv that
 ``pip install .`` made for ``d2f demo`` lacks. So when this Python cannot import the host's
 requirements, ``d2f run`` re-executes itself under the host's Python (--python, else the host's
-``.venv/`` or ``venv/``), loading this copy of d2f_core / d2f_host there by file location (putting this
+``.venv/`` or ``venv/``), loading this copy of d2f_core / d2f_app / d2f_host there by file location (putting this
 venv's site-packages on that Python's path would mix two torch installs); without such a Python it
 stops with one line saying what to do.
 """
@@ -26,16 +26,16 @@ import sys
 # Set in the re-executed process: a second re-execution would loop.
 REEXEC_ENV = "D2F_RUN_REEXEC"
 
-# Run by the host's Python: load d2f_core and d2f_host from their files (argv 1, 2), then `d2f <argv 3…>`.
+# Run by the host's Python: load d2f_core, d2f_app and d2f_host from their files (argv 1-3), then `d2f <argv 4…>`.
 _BOOTSTRAP = """
 import importlib.util, os, sys
-for name, path in zip(("d2f_core", "d2f_host"), sys.argv[1:3]):
+for name, path in zip(("d2f_core", "d2f_app", "d2f_host"), sys.argv[1:4]):
     spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
                                                   submodule_search_locations=[path])
     sys.modules[name] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-from d2f_core.cli import main
-sys.exit(main(sys.argv[3:]))
+from d2f_app.cli import main
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -95,9 +95,10 @@ def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser
     if missing:
         print(f"d2f run: this Python lacks ComfyUI's packages ({_names(missing)}); running under {python}",
               file=sys.stderr)
+    import d2f_app
     import d2f_core
 
-    here = [os.path.dirname(os.path.abspath(m.__file__)) for m in (d2f_core, sys.modules[__package__])]
+    here = [os.path.dirname(os.path.abspath(m.__file__)) for m in (d2f_core, d2f_app, sys.modules[__package__])]
     cmd = [python, "-c", _BOOTSTRAP, *here, *argv]
     env = {**os.environ, REEXEC_ENV: "1"}
     sys.stdout.flush()

@@ -6,8 +6,8 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..d2f_core.guidance import rescale_cfg_denoised
-from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
+from ..d2f_core.flow.guidance import rescale_cfg_denoised
+from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
 from .flow_sampling import FlowBridgeSampling, flow_model_sampling
 
 CATEGORY = "Diff2Flow"

@@ -1,7 +1,7 @@
 """The flow view of a legacy model's ``model_sampling``: a ``comfy.model_sampling.CONST`` subclass.
 
 Every method is the checkpoint's own discrete VP sampling seen through the bridge
-(``d2f_core.bridge``); subclassing CONST makes the host's samplers take their flow paths
+(``d2f_core.flow.bridge``); subclassing CONST makes the host's samplers take their flow paths
 (``euler_ancestral`` → RF variant, half-log-SNR in flow form, first-sigma offsets).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import comfy.model_sampling as ms
 import torch
 
-from ..d2f_core.bridge import FlowBridge, flow_sigma
-from ..d2f_core.schedule import DiscreteSchedule, make_betas
+from ..d2f_core.flow.bridge import FlowBridge, flow_sigma
+from ..d2f_core.flow.schedule import DiscreteSchedule, make_betas
 
 PREDICTION_BY_DENOISER = {
     ms.EPS.calculate_denoised: "eps",

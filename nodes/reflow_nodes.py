@@ -1,7 +1,7 @@
 """Reflow in the UI: D2FReflowPairs makes couplings with the model's own flow ODE, D2FLoadReflowPairs
 reopens them, and D2FTrain (``couplings`` input) trains on them.
 
-The storage format, the noise of pair i and the chunked, resumable writer are in ``d2f_core.couplings``;
+The storage format, the noise of pair i and the chunked, resumable writer are in ``d2f_core.training.couplings``;
 this module only drives the host's sampler and reports progress.
 """
 
@@ -19,11 +19,11 @@ import torch
 from comfy_api.latest import io
 
 from ..d2f_core import __version__ as PACK_VERSION
-from ..d2f_core.couplings import (Couplings, CouplingsError, CouplingsWriter, folder_pair_count, generate,
+from ..d2f_core.training.couplings import (Couplings, CouplingsError, CouplingsWriter, folder_pair_count, generate,
                                   is_couplings_folder, load_couplings)
-from ..d2f_core.data import _common_length, stack_conditioning
-from ..d2f_core.files import folder_name, resolve_inside
-from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
+from ..d2f_core.training.data import _common_length, stack_conditioning
+from ..d2f_core.storage.files import folder_name, resolve_inside
+from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
 from .train_inputs import _conditioning_entries, bridge_sampling_of, unet_kwargs
 
 CATEGORY = "Diff2Flow"

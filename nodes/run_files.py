@@ -8,7 +8,7 @@ its state folder, so no run ever writes over another run's files, including a ru
 * ``output/d2f_states/<run_name>_<NNNNN>/state.safetensors``: the run's resumable state, which the run
   rewrites at each save.
 
-Every write is ``d2f_core.files.atomic_save``: a file is complete or absent, whatever stops the process.
+Every write is ``d2f_core.storage.files.atomic_save``: a file is complete or absent, whatever stops the process.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 
 import folder_paths
 
-from ..d2f_core.files import atomic_save, reserve_numbered, resolve_inside, used_counters
+from ..d2f_core.storage.files import atomic_save, reserve_numbered, resolve_inside, used_counters
 
 LORA_DIR = "loras"
 STATES_DIR = "d2f_states"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..d2f_core.couplings import couplings_buckets
-from ..d2f_core.data import DatasetError
+from ..d2f_core.training.couplings import couplings_buckets
+from ..d2f_core.training.data import DatasetError
 from .flow_sampling import FlowBridgeSampling, flow_model_sampling
 
 

@@ -9,20 +9,20 @@ import comfy.sd
 import torch
 from comfy_api.latest import io
 
-from ..d2f_core.adapters import FullAdapters, LoraAdapters, attention_only
-from ..d2f_core.checkpointing import blocks_by_class_name, checkpointed
-from ..d2f_core.data import LatentBuckets
-from ..d2f_core.compilation import CompiledNet
-from ..d2f_core.graphs import GraphedNet
-from ..d2f_core.snapshots import HostSnapshots
-from ..d2f_core.losses import TIME_SAMPLINGS
-from ..d2f_core.precision import cast_for_training
-from ..d2f_core.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
-from ..d2f_core.samplers import flow_sigmas, sample_euler_flow
-from ..d2f_core.files import plain_name
-from ..d2f_core.state import (architecture_fingerprint, load_state, read_state_meta, resume_mismatches,
+from ..d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only
+from ..d2f_core.training.checkpointing import blocks_by_class_name, checkpointed
+from ..d2f_core.training.data import LatentBuckets
+from ..d2f_core.training.compilation import CompiledNet
+from ..d2f_core.training.graphs import GraphedNet
+from ..d2f_core.training.snapshots import HostSnapshots
+from ..d2f_core.flow.losses import TIME_SAMPLINGS
+from ..d2f_core.training.precision import cast_for_training
+from ..d2f_core.training.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
+from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
+from ..d2f_core.storage.files import plain_name
+from ..d2f_core.storage.state import (architecture_fingerprint, load_state, read_state_meta, resume_mismatches,
                               save_state)
-from ..d2f_core.training import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
+from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
 from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs

@@ -4,7 +4,7 @@ written, until the parent SIGKILLs it.
 
     python kill_during_save.py <host dir> <work dir> <unet file name> <run_name> <block at write #> <marker>
 
-The block is at the underlying writer (``d2f_core.files.save_file``): writes go LoRA, state, LoRA, state,
+The block is at the underlying writer (``d2f_core.storage.files.save_file``): writes go LoRA, state, LoRA, state,
 … (one pair per saved step), so write 3 is step 2's LoRA and write 4 step 2's state. When blocked the
 child writes the temp file's path into <marker> and sleeps.
 """

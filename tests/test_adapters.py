@@ -1,4 +1,4 @@
-"""LoRA (bypass) and full fine-tune adapters on a frozen, shared module (d2f_core.adapters)."""
+"""LoRA (bypass) and full fine-tune adapters on a frozen, shared module (d2f_core.training.adapters)."""
 
 import copy
 import gc
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from d2f_core.adapters import FullAdapters, LoraAdapters, attention_only, merge_lora_into
+from d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only, merge_lora_into
 
 
 class OpsLinear(nn.Linear):
@@ -501,7 +501,7 @@ def test_full_checkpoint_and_autocast_and_low_precision():
 
 def test_full_adapters_installed_work_with_checkpointing_inside_root():
     """The node's full mode: trained copies installed in a private root, per-block checkpointing."""
-    from d2f_core.checkpointing import checkpointed
+    from d2f_core.training.checkpointing import checkpointed
 
     torch.manual_seed(0)
     root = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 4)).requires_grad_(False)

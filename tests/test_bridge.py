@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from d2f_core.bridge import FlowBridge, flow_sigma, interpolate, ve_sigma, vp_scale
-from d2f_core.guidance import rescale_cfg_denoised
-from d2f_core.samplers import flow_sigmas, sample_ddim, sample_euler_flow
-from d2f_core.schedule import DiscreteSchedule
+from d2f_core.flow.bridge import FlowBridge, flow_sigma, interpolate, ve_sigma, vp_scale
+from d2f_core.flow.guidance import rescale_cfg_denoised
+from d2f_core.flow.samplers import flow_sigmas, sample_ddim, sample_euler_flow
+from d2f_core.flow.schedule import DiscreteSchedule
 
 SD = DiscreteSchedule.stable_diffusion()
 LABELS = [0, 1, 500, 998, 999]

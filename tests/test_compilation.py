@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from d2f_core.adapters import LoraAdapters
-from d2f_core.compilation import CompiledNet
-from d2f_core.training import TrainConfig, Trainer
+from d2f_core.training.adapters import LoraAdapters
+from d2f_core.training.compilation import CompiledNet
+from d2f_core.training.trainer import TrainConfig, Trainer
 
 from test_training import BRIDGE, TinyNet, dataset
 

@@ -9,19 +9,19 @@ import os
 import pytest
 import torch
 
-from d2f_core.bridge import FlowBridge
-from d2f_core.couplings import (INFO_KEYS, PROMPTS_FILE, Couplings, CouplingsError, CouplingsWriter, chunk_name,
+from d2f_core.flow.bridge import FlowBridge
+from d2f_core.training.couplings import (INFO_KEYS, PROMPTS_FILE, Couplings, CouplingsError, CouplingsWriter, chunk_name,
                                 couplings_buckets, folder_pair_count, generate, load_couplings, noise_through_start,
                                 pair_noise,
                                 prompt_indices, solve_flow_ode)
-from d2f_core.data import LatentBuckets
-from d2f_core.files import TEMP_SUFFIX
-from d2f_core.losses import diff2flow_loss
-from d2f_core.bridge import interpolate
-from d2f_core.samplers import flow_sigmas
-from d2f_core.schedule import DiscreteSchedule
-from d2f_core.tiny_unet import TinyUNet
-from d2f_core.training import TrainConfig, Trainer
+from d2f_core.training.data import LatentBuckets
+from d2f_core.storage.files import TEMP_SUFFIX
+from d2f_core.flow.losses import diff2flow_loss
+from d2f_core.flow.bridge import interpolate
+from d2f_core.flow.samplers import flow_sigmas
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_app.tiny_unet import TinyUNet
+from d2f_core.training.trainer import TrainConfig, Trainer
 
 BRIDGE = FlowBridge(DiscreteSchedule.stable_diffusion(), "eps")
 SHAPE = (4, 6, 6)
@@ -232,7 +232,7 @@ def test_trainer_uses_the_stored_noise(tmp_path, one_thread):
     state = g.get_state()
     loss = trainer.loss(x0, cond, g, noise)
     g.set_state(state)  # the same σ draw, then the loss by hand on x = (1-σ)·x̂0 + σ·ε, target ε - x̂0
-    from d2f_core.losses import sample_sigmas
+    from d2f_core.flow.losses import sample_sigmas
     sigma = sample_sigmas(4, *trainer.sigma_range, generator=g)
     x = interpolate(x0, noise, sigma)
     out = net(BRIDGE.model_input(sigma, x), BRIDGE.label(sigma).float(), **cond)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from d2f_core import cli
-from d2f_core.datasets import digits_tensor, load_digits
-from d2f_core.bridge import FlowBridge, flow_sigma, vp_scale
-from d2f_core.demo import FINETUNE_ROWS, FLOW, NATIVE, reflow_couplings, simple_labels, unconditional_data
-from d2f_core.metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance
-from d2f_core.schedule import DiscreteSchedule
-from d2f_core.tiny_unet import TinyUNet
-from d2f_core.png import image_grid
+from d2f_app import cli
+from d2f_app.datasets import digits_tensor, load_digits
+from d2f_core.flow.bridge import FlowBridge, flow_sigma, vp_scale
+from d2f_app.demo import FINETUNE_ROWS, FLOW, NATIVE, reflow_couplings, simple_labels, unconditional_data
+from d2f_app.metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_app.tiny_unet import TinyUNet
+from d2f_app.png import image_grid
 
 
 def test_quick_demo(tmp_path, capsys):

@@ -16,14 +16,14 @@ import sys
 import pytest
 import torch
 
-from d2f_core import schedule as schedule_module
-from d2f_core.bridge import FlowBridge
-from d2f_core.couplings import noise_through_start
-from d2f_core.data import LatentBuckets
-from d2f_core.losses import sample_sigmas
-from d2f_core.scheduled_sampling import ScheduledSampling
-from d2f_core.schedule import DiscreteSchedule
-from d2f_core.training import TrainConfig, Trainer
+from d2f_core.flow import schedule as schedule_module
+from d2f_core.flow.bridge import FlowBridge
+from d2f_core.training.couplings import noise_through_start
+from d2f_core.training.data import LatentBuckets
+from d2f_core.flow.losses import sample_sigmas
+from d2f_core.training.scheduled_sampling import ScheduledSampling
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_core.training.trainer import TrainConfig, Trainer
 from float64_guard import Float64Guard
 
 SD = DiscreteSchedule.stable_diffusion()
@@ -194,7 +194,7 @@ def test_trainer_steps_make_no_float64(prediction, time_sampling, objective):
 
 def test_training_guard_has_teeth(monkeypatch):
     """The old flow-time draw (float64 uniform on the device, then float32) inside a Trainer step: caught."""
-    from d2f_core import training
+    from d2f_core.training import trainer as training
 
     def float64_draw(n, lo, hi, mode="uniform", shift=1.0, generator=None, device=None, **_):
         return (lo + (hi - lo) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)).float()

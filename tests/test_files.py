@@ -1,4 +1,4 @@
-"""d2f_core.files (and the state / couplings files written through it) without a host: names, paths,
+"""d2f_core.storage.files (and the state / couplings files written through it) without a host: names, paths,
 atomic never-clobbering writes under injected faults, counters, damaged files.
 
 Faults are injected at the real writer (``files.save_file``, safetensors' own): it writes part of the temp
@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-import d2f_core.files as files
-from d2f_core.couplings import CouplingsError, CouplingsWriter, chunk_name, load_couplings
-from d2f_core.files import (DamagedFileError, atomic_save, folder_name, plain_name, read_header, read_tensors,
+import d2f_core.storage.files as files
+from d2f_core.training.couplings import CouplingsError, CouplingsWriter, chunk_name, load_couplings
+from d2f_core.storage.files import (DamagedFileError, atomic_save, folder_name, plain_name, read_header, read_tensors,
                             reserve_numbered, resolve_inside, used_counters)
-from d2f_core.state import load_state, resume_mismatches, save_state
+from d2f_core.storage.state import load_state, resume_mismatches, save_state
 
 A = {"w": torch.arange(6.0).reshape(2, 3)}
 B = {"w": torch.full((2, 3), 7.0)}

@@ -57,7 +57,7 @@ def temp_files(folder, run_name) -> list[str]:
 
 @pytest.fixture
 def files_mod(host, pack):
-    """The pack's d2f_core.files as the host loaded it (its ``save_file`` is the writer faults go into)."""
+    """The pack's d2f_core.storage.files as the host loaded it (its ``save_file`` is the writer faults go into)."""
     return sys.modules[pack.train_node.plain_name.__module__]
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from d2f_core.bridge import FlowBridge, interpolate, vp_scale
-from d2f_core.losses import diff2flow_loss, native_loss, sample_sigmas, training_loss
-from d2f_core.schedule import DiscreteSchedule
+from d2f_core.flow.bridge import FlowBridge, interpolate, vp_scale
+from d2f_core.flow.losses import diff2flow_loss, native_loss, sample_sigmas, training_loss
+from d2f_core.flow.schedule import DiscreteSchedule
 
 SD = DiscreteSchedule.stable_diffusion()
 

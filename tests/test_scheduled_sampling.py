@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from d2f_core.bridge import interpolate
-from d2f_core.data import DatasetError, LatentBuckets
-from d2f_core.scheduled_sampling import ScheduledSampling, rollout
-from d2f_core.training import TrainConfig
+from d2f_core.flow.bridge import interpolate
+from d2f_core.training.data import DatasetError, LatentBuckets
+from d2f_core.training.scheduled_sampling import ScheduledSampling, rollout
+from d2f_core.training.trainer import TrainConfig
 
 from test_training import TinyNet, dataset, make_trainer
 

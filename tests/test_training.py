@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from d2f_core.bridge import FlowBridge
-from d2f_core.data import DatasetError, LatentBuckets
-from d2f_core.schedule import DiscreteSchedule
-from d2f_core.state import load_state, save_state
-from d2f_core.training import NonFiniteLossError, TrainConfig, Trainer, learning_rate_at
+from d2f_core.flow.bridge import FlowBridge
+from d2f_core.training.data import DatasetError, LatentBuckets
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_core.storage.state import load_state, save_state
+from d2f_core.training.trainer import NonFiniteLossError, TrainConfig, Trainer, learning_rate_at
 
 BRIDGE = FlowBridge(DiscreteSchedule.stable_diffusion(), "eps")
 
@@ -106,7 +106,7 @@ def test_nan_loss_stops_with_step_and_restores_last_good_state():
 def test_host_snapshots_serve_the_trainer_with_two_slots(slots):
     """Full fine-tunes keep their recovery snapshots in host memory, in a ring of preallocated buffers.
     Two slots restore exactly the last good weights; one slot (teeth) would hand back the unproven ones."""
-    from d2f_core.snapshots import HostSnapshots
+    from d2f_core.training.snapshots import HostSnapshots
     net = TinyNet()
     ring = HostSnapshots(dict(net.named_parameters()), slots=slots)
     trainer = Trainer(net, BRIDGE, list(net.parameters()), dataset(), TrainConfig(steps=20, sync_every=2, learning_rate=1e-3),

@@ -371,7 +371,7 @@ def test_workflow_executes_end_to_end(name, d2f, defs, example_files):
         # the sample comes from the trained model at 4 euler steps
         import folder_paths
 
-        from d2f_core.couplings import load_couplings
+        from d2f_core.training.couplings import load_couplings
 
         pairs_id, pairs = next((k, e) for k, e in prompt.items() if e["class_type"] == "D2FReflowPairs")
         train = next(e for e in prompt.values() if e["class_type"] == "D2FTrain")
@@ -396,7 +396,7 @@ def test_d2f_run_executes_the_txt2img_workflow(host, example_files, tmp_path):
     yaml_path.write_text(json.dumps({"d2f_test": {"base_path": os.path.dirname(example_files["checkpoints"]),
                                                   "checkpoints": "checkpoints"}}))
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "d2f_core", "run", path_of("d2f_sd15_txt2img"), "--comfyui", host.path,
+    cmd = [sys.executable, "-m", "d2f_app", "run", path_of("d2f_sd15_txt2img"), "--comfyui", host.path,
            "--output", str(out_dir), "--extra-model-paths", str(yaml_path), "--cpu", "--no-custom-nodes",
            "--set", "EmptyLatentImage.width=64", "--set", "EmptyLatentImage.height=64", "--set", "KSampler.steps=2"]
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
@@ -426,12 +426,12 @@ if not os.environ.get("D2F_RUN_REEXEC"):
 
 
 def _d2f_run(args, tmp_path, block="psutil", cwd=PACK_DIR, **env):
-    """``python -m d2f_core run ARGS`` in a fresh process whose Python cannot import ``block``."""
+    """``python -m d2f_app run ARGS`` in a fresh process whose Python cannot import ``block``."""
     (tmp_path / "blocker").mkdir(exist_ok=True)
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
     base = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "D2F_RUN_REEXEC")}
     env = {**base, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), PACK_DIR]), "D2F_TEST_BLOCK": block, **env}
-    return subprocess.run([sys.executable, "-m", "d2f_core", "run", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "d2f_app", "run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=240)
 
 
@@ -479,7 +479,7 @@ def test_d2f_run_says_what_to_do_in_one_line(case, tmp_path):
 
 
 def test_d2f_run_reports_a_bad_override(host, example_files, tmp_path):
-    from d2f_core.cli import main
+    from d2f_app.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["run", path_of("d2f_sd15_txt2img"), "--set", "NoSuchNode.steps=2", "--dry-run"])

@@ -1,4 +1,4 @@
-"""The ``d2f`` command line (console script ``d2f = d2f_core.cli:main``).
+"""The ``d2f`` command line (console script ``d2f = d2f_app.cli:main``).
 
 Subcommands:
   demo   train two tiny ε / v UNets on the bundled digits on CPU, show that native DDIM and the

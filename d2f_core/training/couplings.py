@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from .bridge import FlowBridge
-from .files import DamagedFileError, atomic_save, is_temp_file, read_header, read_tensors
-from .samplers import sample_euler_flow
+from ..flow.bridge import FlowBridge
+from ..storage.files import DamagedFileError, atomic_save, is_temp_file, read_header, read_tensors
+from ..flow.samplers import sample_euler_flow
 
 FORMAT = "d2f_couplings"
 FORMAT_VERSION = 1

@@ -8,7 +8,7 @@ and static shapes give the best kernels) and tries each new shape once with a fo
 (AOTAutograd may compile the backward lazily) before training uses it, so a compiler failure at either
 end never costs a training step: it logs the reason and trains eagerly from then on.
 
-It composes with :class:`~d2f_core.graphs.GraphedNet` (``GraphedNet(CompiledNet(net, params), params)``):
+It composes with :class:`~d2f_core.training.graphs.GraphedNet` (``GraphedNet(CompiledNet(net, params), params)``):
 the compiled kernels are then captured and replayed as one launch, which also removes the guard checks
 the compiled function runs on the host at every call.
 """

@@ -20,7 +20,7 @@
    start), x_VP = x_VE/sqrt(1+ς_0²) = ε (DDIM's usual x_T), x_flow = (1-σ_0)·x_VE = D(σ_0)·ε
    (``bridge.start_state`` with max_denoise). DESIGN §2 says the two runs are the same computation, so the
    final samples must agree to float32 error; the demo prints the max |Δ| per model and step count.
-4. Fine-tunes of each native model through ``d2f_core.training.Trainer`` (batch ``batch_size``, cosine LR),
+4. Fine-tunes of each native model through ``d2f_core.training.trainer.Trainer`` (batch ``batch_size``, cosine LR),
    each sampled with flow Euler on the same grids and noise:
 
    * **Diff2Flow fine-tune**: ``objective="diff2flow"``, ‖v̂ - (ε - x0)‖² on the training digits;
@@ -35,7 +35,7 @@
 
 5. A few-step quality table: Fréchet distance between generated samples and held-out real digits in a
    fixed feature space, the top-k principal components of the *training* digits' pixels (so the
-   space never sees a generated sample); ``d2f_core.metrics``. Also in results.json: the same distance in
+   space never sees a generated sample); ``d2f_app.metrics``. Also in results.json: the same distance in
    a fixed random-conv feature space. Rows are (model, method), columns step counts.
 6. A PNG grid, one labelled row per (model, method, steps), the same noise in every column.
 
@@ -59,18 +59,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .bridge import FlowBridge, flow_sigma
-from .couplings import noise_through_start
-from .data import LatentBuckets
+from d2f_core.flow.bridge import FlowBridge, flow_sigma
+from d2f_core.training.couplings import noise_through_start
+from d2f_core.training.data import LatentBuckets
 from .datasets import digits_tensor, split_indices
-from .losses import training_loss
+from d2f_core.flow.losses import training_loss
 from .metrics import PixelPCAFrechet, RandomConvFrechet, frechet_distance  # noqa: F401  (re-exported)
 from .png import image_grid, to_uint8, write_png
-from .samplers import sample_ddim, sample_euler_flow
-from .schedule import DiscreteSchedule
-from .scheduled_sampling import ScheduledSampling
+from d2f_core.flow.samplers import sample_ddim, sample_euler_flow
+from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_core.training.scheduled_sampling import ScheduledSampling
 from .tiny_unet import TinyUNet, count_parameters
-from .training import TrainConfig, Trainer
+from d2f_core.training.trainer import TrainConfig, Trainer
 
 QUALITY_STEPS = (1, 2, 4, 8, 25, 50)
 PREDICTIONS = (("eps", "eps"), ("v", "v_prediction"))  # (short name, FlowBridge prediction)
@@ -300,7 +300,7 @@ def unconditional_data(x0: torch.Tensor, noise: torch.Tensor | None = None) -> L
 
 def finetune(net, bridge: FlowBridge, data: LatentBuckets, config: TrainConfig, desc: str,
              on_eval=None, eval_every: int = 0) -> tuple[TinyUNet, dict]:
-    """Train a copy of ``net`` with ``d2f_core.training.Trainer``; returns (the trained copy, stats).
+    """Train a copy of ``net`` with ``d2f_core.training.trainer.Trainer``; returns (the trained copy, stats).
 
     ``on_eval(step, net)`` runs every ``eval_every`` steps (the Trainer's preview hook) on the net being
     trained: sample from it there, under no_grad, and leave its weights alone.

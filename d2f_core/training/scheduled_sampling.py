@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bridge import interpolate
+from ..flow.bridge import interpolate
 
 RAMPS = ("constant", "linear", "cosine")
 STRATEGIES = ("uniform", "early", "late")

@@ -21,24 +21,15 @@ from typing import Callable
 
 import torch
 
-from .bridge import FlowBridge, interpolate
+from ..flow.bridge import FlowBridge, interpolate
 from .data import LatentBuckets
-from .losses import diff2flow_loss, native_loss, sample_sigmas
+from .loss_watch import LossWatch, NonFiniteLossError
+from ..flow.losses import diff2flow_loss, native_loss, sample_sigmas
 from .scheduled_sampling import ScheduledSampling, rollout
 
 OBJECTIVES = ("diff2flow", "native")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; ``step`` is the first bad optimizer step (1-based),
-    ``last_good_step`` the step whose weights were restored (the last loss check before it)."""
-
-    def __init__(self, step: int, message: str, last_good_step: int | None = None):
-        super().__init__(message)
-        self.step = step
-        self.last_good_step = step - 1 if last_good_step is None else last_good_step
 
 
 @dataclass
@@ -117,7 +108,7 @@ class Trainer:
     ``compute_dtype`` (the dtype of its weights); the loss is always taken in float32 or better;
     ``params`` the tensors to train; ``snapshot()``/``restore(state)`` give the last good state back
     after a non-finite loss. At most two snapshots are referenced at a time, and ``snapshot()`` is called
-    only after the older of them was released (so :class:`~d2f_core.snapshots.HostSnapshots` with two slots
+    only after the older of them was released (so :class:`~d2f_core.training.snapshots.HostSnapshots` with two slots
     may serve it). Caption dropout swaps a sample's conditioning for the data's empty prompt
     with probability ``caption_dropout``.
     """
@@ -233,39 +224,16 @@ class Trainer:
         """
         c = self.config
         result = TrainResult(step=start_step)
-        pending: list[torch.Tensor] = []
-        # Weights after step n are proven good only by the loss of step n+1, which uses them: `latest` (the
-        # snapshot at the last loss read-out) becomes `good` once the next read-out starts with a finite loss.
-        good = latest = self.snapshot() if self.snapshot else None
-        good_step = latest_step = start_step
+        watch = LossWatch(start_step, self.snapshot, self.restore)
         samples_per_step = c.batch_size * c.grad_accumulation
         t0 = time.perf_counter()
 
         def flush(step_done: int):
-            nonlocal good, good_step, latest, latest_step, pending
-            if not pending:
+            values = watch.read(step_done)
+            if not values:
                 return
-            values = torch.stack(pending).tolist()
-            first_step = step_done - len(values) + 1
-            pending = []
-            for i, v in enumerate(values):
-                if not math.isfinite(v):
-                    if i > 0:  # the first loss after `latest` was finite: it is good
-                        good, good_step = latest, latest_step
-                    if good is not None and self.restore:
-                        self.restore(good)
-                        result.step = good_step
-                    else:
-                        result.step = first_step + i - 1
-                    raise NonFiniteLossError(first_step + i, (
-                        f"the loss became {v} at step {first_step + i}: training stopped and the weights were "
-                        f"reset to the last good state (step {result.step}). Lower the learning rate, keep "
-                        "gradient clipping on, or train in bf16/fp32 instead of fp16."), last_good_step=result.step)
             result.losses.extend(values)
             result.step = step_done
-            if self.snapshot:
-                good, good_step = latest, latest_step
-                latest, latest_step = self.snapshot(), step_done
             if on_progress:
                 elapsed = time.perf_counter() - t0
                 on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
@@ -273,7 +241,7 @@ class Trainer:
         step = start_step
         while step < c.steps:
             try:
-                pending.append(self.step(step))
+                watch.add(self.step(step))
             except stop_exceptions:
                 self.optimizer.zero_grad(set_to_none=False)  # the partial step's gradients, never applied
                 result.status = "interrupted"

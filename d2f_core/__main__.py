@@ -1,7 +1,0 @@
-"""``python -m d2f_core …`` runs the ``d2f`` command line."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
