@@ -105,13 +105,21 @@ class LatentBuckets:
     def choose_bucket(self, rng: random.Random) -> int:
         return rng.choices(range(len(self.sizes)), weights=self.sizes)[0] if len(self.sizes) > 1 else 0
 
-    def sample(self, bucket: int, batch_size: int, generator: torch.Generator):
-        """(x0, conditioning, noise) of ``batch_size`` samples; noise is None unless the bucket holds
-        Reflow couplings (each x0 paired with the noise it was generated from)."""
-        latents, conds, noise = self.latents[bucket], self.conds[bucket], self.noise[bucket]
-        n = latents.shape[0]
+    def indices(self, bucket: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """``batch_size`` sample indices in ``bucket``: without replacement, or uniformly with replacement
+        when the bucket is smaller than the batch."""
+        n = self.sizes[bucket]
+        device = self.latents[bucket].device
         if n >= batch_size:
-            idx = torch.randperm(n, generator=generator, device=latents.device)[:batch_size]
-        else:
-            idx = torch.randint(0, n, (batch_size,), generator=generator, device=latents.device)
+            return torch.randperm(n, generator=generator, device=device)[:batch_size]
+        return torch.randint(0, n, (batch_size,), generator=generator, device=device)
+
+    def take(self, bucket: int, idx: torch.Tensor):
+        """(x0, conditioning, noise) of the samples ``idx``; noise is None unless the bucket holds Reflow
+        couplings (each x0 paired with the noise it was generated from)."""
+        latents, conds, noise = self.latents[bucket], self.conds[bucket], self.noise[bucket]
         return latents[idx], {k: v[idx] for k, v in conds.items()}, (noise[idx] if noise is not None else None)
+
+    def sample(self, bucket: int, batch_size: int, generator: torch.Generator):
+        """``take(bucket, indices(bucket, batch_size, generator))``."""
+        return self.take(bucket, self.indices(bucket, batch_size, generator))

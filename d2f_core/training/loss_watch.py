@@ -28,11 +28,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class LossWatch:
-    """``add(loss)`` after each step (a device tensor, no sync); ``read(step)`` at a read-out."""
+    """``add(loss)`` after each step (a device tensor, no sync); ``read(step)`` at a read-out.
+
+    ``reduce``: applied to the stacked pending losses before they are read, e.g. the mean over data-parallel
+    ranks (:meth:`~d2f_core.training.distributed.DistributedContext.mean`): one collective per read-out, and
+    every rank then judges the same values, so a non-finite loss on one rank stops all of them.
+    """
 
     def __init__(self, start_step: int, snapshot: Callable[[], dict] | None = None,
-                 restore: Callable[[dict], None] | None = None):
-        self.snapshot, self.restore = snapshot, restore
+                 restore: Callable[[dict], None] | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.snapshot, self.restore, self.reduce = snapshot, restore, reduce
         self.pending: list[torch.Tensor] = []
         self.good = self.latest = snapshot() if snapshot else None
         self.good_step = self.latest_step = start_step
@@ -45,7 +51,8 @@ class LossWatch:
         :class:`NonFiniteLossError` after restoring the last good weights if any of them is not finite."""
         if not self.pending:
             return []
-        values = torch.stack(self.pending).tolist()
+        stacked = torch.stack(self.pending)
+        values = (self.reduce(stacked) if self.reduce else stacked).tolist()
         self.pending = []
         first_step = step_done - len(values) + 1
         for i, v in enumerate(values):

@@ -9,6 +9,10 @@ One optimizer step draws, per micro-batch of ``batch_size``:
 Every random draw of step k comes from generators seeded by (seed, k): a run resumed at step k from
 a saved state continues exactly as the uninterrupted run would. The host is read only every
 ``sync_every`` steps (loss read-out, non-finite check), never inside a step.
+
+Data-parallel (``dist`` of world size N, DESIGN §7): ``batch_size`` is per rank; every random draw is made
+for the global micro-batch of N·batch_size and each rank keeps its rows (see
+:mod:`~d2f_core.training.distributed`), so N ranks × b train the weights 1 rank × N·b would.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from ..flow.bridge import FlowBridge, interpolate
 from .data import LatentBuckets
+from .distributed import DistributedContext
 from .loss_watch import LossWatch, NonFiniteLossError
 from ..flow.losses import diff2flow_loss, native_loss, sample_sigmas
 from .scheduled_sampling import ScheduledSampling, rollout
@@ -111,12 +116,19 @@ class Trainer:
     only after the older of them was released (so :class:`~d2f_core.training.snapshots.HostSnapshots` with two slots
     may serve it). Caption dropout swaps a sample's conditioning for the data's empty prompt
     with probability ``caption_dropout``.
+
+    ``dist``: this process's rank in a data-parallel group (None: one process). ``config.batch_size`` is then
+    per rank, the global batch of a step ``batch_size · world_size · grad_accumulation``. The ranks must start
+    from the same weights and optimizer state; they stay identical because every rank applies the same
+    averaged gradient. Only rank 0 calls ``on_progress`` / ``on_save`` / ``on_preview``.
     """
 
     def __init__(self, net: Callable, bridge: FlowBridge, params: list[torch.nn.Parameter], data: LatentBuckets,
                  config: TrainConfig, device=None, compute_dtype: torch.dtype = torch.float32,
-                 snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None):
+                 snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None,
+                 dist: DistributedContext | None = None):
         config.validate()
+        self.dist = dist if dist is not None else DistributedContext.single(device)
         self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
         self.device = torch.device(device) if device is not None else data.latents[0].device
         self.compute_dtype = compute_dtype
@@ -143,7 +155,8 @@ class Trainer:
         if self.data.empty is None or self.config.caption_dropout <= 0:
             return cond
         batch = next(iter(cond.values())).shape[0]
-        drop = torch.rand(batch, generator=generator, device=self.device) < self.config.caption_dropout
+        drop = self.dist.shard(lambda n: torch.rand(n, generator=generator, device=self.device), batch) \
+            < self.config.caption_dropout
         empty = self.data.empty[bucket]
         return {k: torch.where(drop.reshape((batch,) + (1,) * (v.ndim - 1)), empty[k], v) for k, v in cond.items()}
 
@@ -156,13 +169,16 @@ class Trainer:
         """Mean Diff2Flow (or native) loss of one micro-batch; differentiable.
 
         ``noise``: the pairs' own noise (Reflow couplings), else drawn. ``offsets``: scheduled-sampling
-        rollout lengths per sample (0: the clean interpolant).
+        rollout lengths per sample (0: the clean interpolant). With ``dist``, ``x0`` is this rank's rows of
+        the global micro-batch, and σ and the noise are those rows of the global draws.
         """
         c = self.config
-        sigma = sample_sigmas(x0.shape[0], *self.sigma_range, mode=c.time_sampling, shift=c.time_shift,
-                              generator=generator, device=self.device)
+        b = x0.shape[0]
+        sigma = self.dist.shard(lambda n: sample_sigmas(n, *self.sigma_range, mode=c.time_sampling, shift=c.time_shift,
+                                                        generator=generator, device=self.device), b)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+            noise = self.dist.shard(lambda n: torch.randn((n,) + x0.shape[1:], generator=generator,
+                                                          device=self.device, dtype=x0.dtype), b)
         cond = {k: v.to(self.compute_dtype) for k, v in cond.items()}
         if offsets and any(offsets):
             ss = c.scheduled_sampling
@@ -179,7 +195,8 @@ class Trainer:
         return native_loss(self.bridge, out, x0, noise, sigma).mean()
 
     def step(self, step: int) -> torch.Tensor:
-        """Optimizer step ``step`` (0-based); returns its loss as a device tensor (no host sync)."""
+        """Optimizer step ``step`` (0-based); returns this rank's loss as a device tensor (no host sync, no
+        collective for the loss: :meth:`run` averages the pending losses over ranks at read-out)."""
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate_at(c, step)
@@ -188,12 +205,14 @@ class Trainer:
         for micro in range(c.grad_accumulation):
             g = self._generator(step, micro)
             bucket = self.data.choose_bucket(bucket_rng)
-            x0, cond, noise = self.data.sample(bucket, c.batch_size, g)
+            x0, cond, noise = self.data.take(bucket, self.dist.shard(
+                lambda n: self.data.indices(bucket, n, g), c.batch_size))
             cond = self._drop_captions(bucket, cond, g)
             offsets = None
             if c.scheduled_sampling.active:  # its own host RNG: turning it off leaves every other draw as it was
                 ss_rng = random.Random(c.seed * 104_729 + step * 31 + micro)
-                offsets = c.scheduled_sampling.draw_offsets(ss_rng, c.batch_size, step, c.steps)
+                offsets = self.dist.shard(
+                    lambda n: c.scheduled_sampling.draw_offsets(ss_rng, n, step, c.steps), c.batch_size)
             loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
             loss.backward()
             total += loss.detach()
@@ -201,6 +220,8 @@ class Trainer:
             # micro-batch must not meet the parameters' AccumulateGrad nodes alive from an eager backward on
             # another stream (the capture is then invalidated).
             del loss
+        # Each rank's loss is the mean over its rows: the gradient of the global mean is the ranks' average.
+        self.dist.average_gradients(self.params)
         if c.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm, foreach=True)
         self.optimizer.step()
@@ -221,11 +242,19 @@ class Trainer:
         ``stop_exceptions``: exceptions that mean the same stop request raised from inside the network (a
         host that checks its stop flag in every layer): the unfinished step is dropped, the run ends
         "interrupted" with the weights of the last completed step.
+
+        With ``dist`` of world size > 1, every rank must call ``run`` with the same arguments; losses are the
+        ranks' mean, ``result.samples`` counts the global batch, and the callbacks run on rank 0 only. A stop
+        needs every rank's agreement, which costs a collective: ``should_stop()`` (any rank's) and a stop
+        raised by rank 0's preview are honoured at the next read-out, within ``sync_every`` steps.
+        ``stop_exceptions`` raised inside the network on one rank only are not supported there (the other
+        ranks would wait in the gradient all-reduce until the process group's timeout).
         """
         c = self.config
+        dist = self.dist
         result = TrainResult(step=start_step)
-        watch = LossWatch(start_step, self.snapshot, self.restore)
-        samples_per_step = c.batch_size * c.grad_accumulation
+        watch = LossWatch(start_step, self.snapshot, self.restore, reduce=dist.mean if dist.distributed else None)
+        samples_per_step = c.batch_size * dist.world_size * c.grad_accumulation
         t0 = time.perf_counter()
 
         def flush(step_done: int):
@@ -234,7 +263,7 @@ class Trainer:
                 return
             result.losses.extend(values)
             result.step = step_done
-            if on_progress:
+            if on_progress and dist.is_main:
                 elapsed = time.perf_counter() - t0
                 on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
 
@@ -248,18 +277,22 @@ class Trainer:
                 break
             step += 1
             result.samples += samples_per_step
-            stop = should_stop is not None and should_stop()
             due_save = save_every > 0 and step % save_every == 0
             due_preview = preview_every > 0 and step % preview_every == 0
-            if stop or due_save or due_preview or step % max(1, c.sync_every) == 0 or step == c.steps:
+            due_read = due_save or due_preview or step % max(1, c.sync_every) == 0 or step == c.steps
+            # Ranks read out together (the loss mean is a collective), so a stop is agreed on only then.
+            stop = (not dist.distributed or due_read) and should_stop is not None and should_stop()
+            if stop or due_read:
                 flush(step)
-            if due_save and on_save:
+            if due_save and on_save and dist.is_main:
                 on_save(step)
-            if due_preview and on_preview:
+            if due_preview and on_preview and dist.is_main:
                 try:
                     on_preview(step)
                 except stop_exceptions:
                     stop = True
+            if dist.distributed and due_read:
+                stop = dist.any(stop)
             if stop:
                 result.status = "interrupted"
                 break

@@ -1,0 +1,163 @@
+"""Data-parallel training over torch.distributed (DESIGN §7): who this process is, and the few collectives
+the Trainer needs.
+
+Contract (N ranks, per-rank batch b, accumulation A):
+
+* the global batch of an optimizer step is N·b·A samples; micro-batch m of step k is the global micro-batch
+  of N·b samples that a single process with batch N·b would draw from the generator seeded by (seed, k, m);
+* every rank makes exactly those global draws (sample indices, σ, noise, caption dropout, scheduled-sampling
+  offsets) and keeps its own rows [r·b, (r+1)·b) (:meth:`DistributedContext.shard`);
+* each rank's loss is the mean over its b rows, so the gradient of the global mean over N·b rows is the
+  average over ranks of the per-rank gradients: ``g = (1/N) Σ_r g_r`` (:meth:`average_gradients`), taken
+  after the accumulation loop and before clipping, so clipping and the optimizer see the same tensor on
+  every rank and the weights stay identical;
+* the reported loss of a step is the same average, ``L = (1/N) Σ_r L_r`` (:meth:`mean`), reduced only at
+  read-out time, once for all pending steps: a non-finite loss on any rank is then seen by every rank.
+
+Hence N ranks × batch b train the same weights as 1 rank × batch N·b, up to the rounding of the reduction
+order. World size 1 (:meth:`DistributedContext.single`) is the single-process code path itself: ``shard``
+is the identity on the draw and no collective is ever issued.
+
+The process group is torch.distributed's (gloo on CPU, NCCL on CUDA); nothing here communicates by itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+T = TypeVar("T")
+
+# The size of one all-reduce of gradients; DDP's default bucket (25 MiB) for the same reason: large enough
+# to amortise the per-collective latency, small enough not to double the gradients' memory at once.
+BUCKET_BYTES = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in the data-parallel group: ``rank`` of ``world_size``, on ``device``.
+
+    ``backend`` is the process group's ("gloo", "nccl") or None for a single process; ``group`` the process
+    group the collectives run on (None: torch.distributed's default group).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    group: Any = None
+
+    def __post_init__(self):
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in a world of size {self.world_size}")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that writes files and talks to the UI."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def single(cls, device=None) -> "DistributedContext":
+        """One process, world size 1: the Trainer's plain code path."""
+        return cls(device=torch.device(device) if device is not None else torch.device("cpu"))
+
+    @classmethod
+    def from_environment(cls, device=None, timeout: timedelta | None = None) -> "DistributedContext":
+        """The context of this process: torch.distributed's default group if it is initialised; else, when
+        ``torchrun``'s variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) say the world is
+        larger than one, the default group is initialised from them (``env://``; NCCL when CUDA is there,
+        else gloo); else :meth:`single`. ``device`` defaults to ``cuda:LOCAL_RANK`` under NCCL, else CPU.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+                return cls.single(device)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":  # bind before the group exists, so NCCL's communicator uses this card
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, init_method="env://",
+                                    **({"timeout": timeout} if timeout is not None else {}))
+        backend = dist.get_backend()
+        if device is None:
+            device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+                      if backend == "nccl" else torch.device("cpu"))
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=torch.device(device),
+                   backend=backend)
+
+    # --- data -------------------------------------------------------------------------------------
+    def rows(self, per_rank: int) -> slice:
+        """This rank's rows of a global batch of ``world_size · per_rank``: [r·b, (r+1)·b)."""
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def shard(self, draw: Callable[[int], T], per_rank: int) -> T:
+        """``draw(N·b)[rows(b)]``: this rank's part of a random draw made for the whole global batch.
+
+        Every rank consumes the generator exactly as a single process with batch N·b does, so the draws that
+        follow stay aligned across world sizes. ``draw`` returns a tensor or list with the batch first. World
+        size 1: ``draw(b)`` itself, no slicing.
+        """
+        if self.world_size == 1:
+            return draw(per_rank)
+        return draw(per_rank * self.world_size)[self.rows(per_rank)]
+
+    # --- collectives ------------------------------------------------------------------------------
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """``p.grad ← (1/N) Σ_r p.grad_r`` for every parameter, in place; a no-op for world size 1.
+
+        Gradients are flattened into buckets of at most :data:`BUCKET_BYTES` per (device, dtype) and each
+        bucket is summed by one ``all_reduce`` (SUM then divide: gloo has no AVG). Called once per optimizer
+        step after the accumulation loop, so it does not overlap with backward; overlapping it with the
+        backward of the last micro-batch (DDP's gradient-ready buckets, or ``register_post_accumulate_grad_
+        hook``) is the next step.
+        """
+        if self.world_size == 1:
+            return
+        for bucket in _buckets([p.grad for p in params if p.grad is not None]):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=self.group)
+            flat.div_(self.world_size)
+            for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                grad.copy_(reduced)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean over ranks of ``tensor`` (a new tensor; the input itself for world size 1)."""
+        if self.world_size == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, group=self.group)
+        return out.div_(self.world_size)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (one collective and a host sync)."""
+        if self.world_size == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+
+def _buckets(tensors: list[torch.Tensor], cap: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Consecutive tensors grouped by (device, dtype), each group cut at ``cap`` bytes (a tensor larger
+    than ``cap`` gets a bucket of its own)."""
+    out: list[list[torch.Tensor]] = []
+    open_: dict[tuple, tuple[list[torch.Tensor], int]] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        bucket, size = open_.get(key, ([], 0))
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > cap:
+            out.append(bucket)
+            bucket, size = [], 0
+        bucket.append(t)
+        open_[key] = (bucket, size + nbytes)
+    out.extend(bucket for bucket, _ in open_.values() if bucket)
+    return out

@@ -1,0 +1,189 @@
+"""Data-parallel training (DESIGN §7) with real collectives: gloo process groups on the CPU, rendezvous through a
+FileStore in the test's temporary directory (nothing leaves the machine; gloo itself on loopback).
+
+The contract under test: with the same seed, N ranks × batch b train the weights (and report the losses) that
+one process with batch N·b does, up to the rounding of the reduction order; world size 1 is the plain path.
+"""
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from d2f_core.training.adapters import LoraAdapters
+from d2f_core.training.distributed import DistributedContext, _buckets
+from d2f_core.training.trainer import NonFiniteLossError, TrainConfig, Trainer
+from d2f_core.training.scheduled_sampling import ScheduledSampling
+
+from test_training import BRIDGE, TinyNet, dataset
+
+PER_RANK = 2
+STEPS = 4
+# name: (trained tensors, TrainConfig fields). Caption dropout and scheduled sampling draw per sample too, so
+# they must be sharded like the indices, σ and noise; "small" has a dataset smaller than the global batch
+# (indices drawn with replacement).
+CASES = {
+    "lora-acc1": ("lora", dict(grad_accumulation=1)),
+    "lora-acc2": ("lora", dict(grad_accumulation=2, caption_dropout=0.4)),
+    "full-acc1": ("full", dict(grad_accumulation=1)),
+    "full-acc2": ("full", dict(grad_accumulation=2, caption_dropout=0.4, scheduled_sampling=ScheduledSampling(
+        probability=0.7, max_offset=3, solver_steps=10))),
+    "lora-small": ("lora", dict(grad_accumulation=2, data_size=3)),
+}
+
+
+def build(case: str, batch_size: int, ctx: DistributedContext | None = None):
+    """The net, its trainer and the trained tensors of ``case``, identical in every process."""
+    mode, fields = CASES[case]
+    fields = dict(fields)
+    data = dataset(n=fields.pop("data_size", 6), empty=True)
+    config = TrainConfig(steps=STEPS, batch_size=batch_size, learning_rate=3e-3, seed=11, sync_every=2,
+                         **fields)
+    net = call = TinyNet()
+    if mode == "lora":
+        net.requires_grad_(False)
+        call = LoraAdapters(net, rank=4, seed=0)  # the trainer holds it: its hooks live as long as it does
+        call.attach()
+        params = call.parameters()
+    else:
+        params = list(net.parameters())
+    snapshot = lambda: [p.detach().clone() for p in params]  # noqa: E731
+
+    def restore(state):
+        with torch.no_grad():
+            for p, s in zip(params, state):
+                p.copy_(s)
+    trainer = Trainer(call, BRIDGE, params, data, config, snapshot=snapshot, restore=restore, dist=ctx)
+    return net, trainer, params
+
+
+class PoisonedTrainer(Trainer):
+    """Makes rank 1's loss of step 3 (1-based) NaN; the other ranks compute finite losses."""
+
+    def step(self, step):
+        self.net.poison = self.dist.rank == 1 and step == 2
+        return super().step(step)
+
+
+def _train_all(ctx: DistributedContext) -> dict:
+    """Every case, and the NaN case, on this rank of ``ctx``."""
+    results = {}
+    for case in CASES:
+        _, trainer, params = build(case, PER_RANK, ctx)
+        result = trainer.run()
+        results[case] = ([p.detach().clone() for p in params], result.losses, result.samples)
+    _, trainer, params = build("full-acc1", PER_RANK, ctx)
+    trainer.__class__ = PoisonedTrainer
+    try:
+        trainer.run()
+        results["nan"] = None
+    except NonFiniteLossError as e:
+        results["nan"] = (e.step, e.last_good_step, all(bool(torch.isfinite(p).all()) for p in params))
+    return results
+
+
+def _worker(rank: int, world: int, store: str, out: str):
+    """The world-``world`` cases on all ranks, then the world-2 cases on ranks 0 and 1 in a subgroup (a process
+    start costs more than all the training here)."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    try:
+        ctx = DistributedContext.from_environment()
+        assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world, "gloo")
+        results = {world: _train_all(ctx)}
+        pair = dist.new_group([0, 1])  # every rank takes part in creating it
+        if rank < 2:
+            results[2] = _train_all(DistributedContext(rank, 2, backend="gloo", group=pair))
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, tmp, timeout: float = 90.0) -> list[dict]:
+    """Runs ``_worker`` on ``world`` gloo ranks; every rank must finish within ``timeout`` seconds (no hang)."""
+    ctx = mp.spawn(_worker, args=(world, str(tmp / "store"), str(tmp)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {timeout} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    return spawn(3, tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(params=[2, 3], ids=lambda n: f"{n}ranks")
+def ranks(request, spawned):
+    """(N, per-rank results) of the runs with N ranks."""
+    world = request.param
+    return world, [per_rank[world] for per_rank in spawned[:world]]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_n_ranks_train_what_one_process_with_n_times_the_batch_does(ranks, case):
+    world, results = ranks
+    torch.manual_seed(0)
+    _, trainer, params = build(case, PER_RANK * world)
+    single = trainer.run()
+    worst = 0.0
+    for rank, per_rank in enumerate(results):
+        weights, losses, samples = per_rank[case]
+        assert samples == single.samples  # the global batch is counted on every rank
+        for p, q in zip(weights, params):
+            worst = max(worst, relative_difference(p, q.detach()))
+        # every rank reports the global mean, the loss the single process reports
+        assert losses == pytest.approx(single.losses, rel=1e-5, abs=0)
+    assert all(torch.equal(a, b) for a, b in zip(results[0][case][0], results[-1][case][0]))  # ranks agree
+    print(f"{case} {world} ranks: max relative difference to 1 process {worst:.2e}")
+    assert worst <= 1e-5
+    # not trivially equal: training moved the weights
+    _, _, fresh = build(case, PER_RANK * world)
+    assert any(relative_difference(p, q.detach()) > 1e-3 for p, q in zip(params, fresh))
+
+
+def test_nan_on_one_rank_stops_every_rank(ranks):
+    world, results = ranks
+    for rank, per_rank in enumerate(results):
+        assert per_rank["nan"] is not None, f"rank {rank} did not raise"
+        step, last_good, finite = per_rank["nan"]
+        assert (step, last_good, finite) == (3, 0, True), rank
+
+
+@pytest.mark.parametrize("case", ["lora-acc2", "full-acc2"])
+def test_world_size_one_is_the_plain_path_bit_for_bit(case):
+    _, plain, params = build(case, 4)
+    plain_losses = plain.run().losses
+    _, single, params1 = build(case, 4, DistributedContext.single())
+    assert single.run().losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, params1))
+
+
+def test_context_checks_and_buckets():
+    assert DistributedContext.from_environment() == DistributedContext.single()  # no group, no torchrun
+    ctx = DistributedContext(rank=2, world_size=3)
+    assert not ctx.is_main and ctx.rows(4) == slice(8, 12)
+    assert ctx.shard(lambda n: list(range(n)), 2) == [4, 5]
+    with pytest.raises(ValueError):
+        DistributedContext(rank=3, world_size=3)
+    # per (device, dtype), cut at the cap: 40 + 40 bytes of float32 fit 80, the 400-byte tensor goes alone
+    ts = [torch.zeros(10), torch.zeros(10, dtype=torch.float64), torch.zeros(10), torch.zeros(100)]
+    buckets = _buckets(ts, cap=80)
+    assert [[id(t) for t in b] for b in buckets] == [[id(ts[0]), id(ts[2])], [id(ts[3])], [id(ts[1])]]
