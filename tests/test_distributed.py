@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from d2f_core.training.adapters import LoraAdapters
-from d2f_core.training.distributed import DistributedContext, _buckets
+from d2f_core.training.distributed import DistributedContext
 from d2f_core.training.trainer import NonFiniteLossError, TrainConfig, Trainer
 from d2f_core.training.scheduled_sampling import ScheduledSampling
 
@@ -176,14 +176,12 @@ def test_world_size_one_is_the_plain_path_bit_for_bit(case):
     assert all(torch.equal(a, b) for a, b in zip(params, params1))
 
 
-def test_context_checks_and_buckets():
+def test_context_checks():
     assert DistributedContext.from_environment() == DistributedContext.single()  # no group, no torchrun
     ctx = DistributedContext(rank=2, world_size=3)
     assert not ctx.is_main and ctx.rows(4) == slice(8, 12)
     assert ctx.shard(lambda n: list(range(n)), 2) == [4, 5]
     with pytest.raises(ValueError):
         DistributedContext(rank=3, world_size=3)
-    # per (device, dtype), cut at the cap: 40 + 40 bytes of float32 fit 80, the 400-byte tensor goes alone
-    ts = [torch.zeros(10), torch.zeros(10, dtype=torch.float64), torch.zeros(10), torch.zeros(100)]
-    buckets = _buckets(ts, cap=80)
-    assert [[id(t) for t in b] for b in buckets] == [[id(ts[0]), id(ts[2])], [id(ts[3])], [id(ts[1])]]
+    net = torch.nn.Linear(2, 2)
+    assert ctx.single().wrap(net, list(net.parameters())) is net  # world size 1: no DDP, no collective

@@ -8,9 +8,11 @@ Contract (N ranks, per-rank batch b, accumulation A):
 * every rank makes exactly those global draws (sample indices, σ, noise, caption dropout, scheduled-sampling
   offsets) and keeps its own rows [r·b, (r+1)·b) (:meth:`DistributedContext.shard`);
 * each rank's loss is the mean over its b rows, so the gradient of the global mean over N·b rows is the
-  average over ranks of the per-rank gradients: ``g = (1/N) Σ_r g_r`` (:meth:`average_gradients`), taken
-  after the accumulation loop and before clipping, so clipping and the optimizer see the same tensor on
-  every rank and the weights stay identical;
+  average over ranks of the per-rank gradients: ``g = (1/N) Σ_r g_r``. PyTorch's DDP takes it
+  (:meth:`DistributedContext.wrap`): its reducer all-reduces the trained tensors' gradients only, in
+  buckets, each launched as soon as the backward of the last micro-batch has produced it (overlapped with the
+  rest of that backward); the earlier micro-batches accumulate locally (``no_sync``). Clipping and the
+  optimizer then see the same tensor on every rank and the weights stay identical;
 * the reported loss of a step is the same average, ``L = (1/N) Σ_r L_r`` (:meth:`mean`), reduced only at
   read-out time, once for all pending steps: a non-finite loss on any rank is then seen by every rank.
 
@@ -23,6 +25,7 @@ The process group is torch.distributed's (gloo on CPU, NCCL on CUDA); nothing he
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,13 +33,14 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
 
-# The size of one all-reduce of gradients; DDP's default bucket (25 MiB) for the same reason: large enough
-# to amortise the per-collective latency, small enough not to double the gradients' memory at once.
-BUCKET_BYTES = 25 * 1024 * 1024
+# The size of one gradient all-reduce (DDP's default): large enough to amortise a collective's latency, small
+# enough that the first buckets are ready early in the backward and overlap with the rest of it.
+BUCKET_MB = 25
 
 
 @dataclass(frozen=True)
@@ -110,23 +114,28 @@ class DistributedContext:
         return draw(per_rank * self.world_size)[self.rows(per_rank)]
 
     # --- collectives ------------------------------------------------------------------------------
-    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
-        """``p.grad ← (1/N) Σ_r p.grad_r`` for every parameter, in place; a no-op for world size 1.
+    def wrap(self, net: Callable, params: Sequence[nn.Parameter]) -> Callable:
+        """``net`` for data-parallel training: a :class:`~torch.nn.parallel.DistributedDataParallel` over a
+        module that owns exactly ``params`` (the trained tensors: LoRA factors, or full mode's masters), or
+        ``net`` itself for world size 1.
 
-        Gradients are flattened into buckets of at most :data:`BUCKET_BYTES` per (device, dtype) and each
-        bucket is summed by one ``all_reduce`` (SUM then divide: gloo has no AVG). Called once per optimizer
-        step after the accumulation loop, so it does not overlap with backward; overlapping it with the
-        backward of the last micro-batch (DDP's gradient-ready buckets, or ``register_post_accumulate_grad_
-        hook``) is the next step.
+        DDP checks at construction that every rank trains tensors of the same shapes and broadcasts rank 0's
+        values (the ranks start identical even if a rank's initialisation differed); its backward hooks then
+        average the gradients, ``p.grad ← (1/N) Σ_r p.grad_r``, bucket by bucket as they become ready. A
+        forward under ``torch.no_grad`` (scheduled sampling's rollout) costs DDP nothing. Call the result
+        once per micro-batch with gradients on, inside :meth:`accumulating` for all but the last.
         """
         if self.world_size == 1:
-            return
-        for bucket in _buckets([p.grad for p in params if p.grad is not None]):
-            flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.world_size)
-            for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                grad.copy_(reduced)
+            return net
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(_Trained(net, params), device_ids=device_ids, process_group=self.group,
+                                       bucket_cap_mb=BUCKET_MB, broadcast_buffers=False)
+
+    @staticmethod
+    def accumulating(net: Callable):
+        """Context of a micro-batch whose gradients are only accumulated locally (DDP's ``no_sync``); the
+        next backward outside it reduces the sum. A null context for a plain network."""
+        return net.no_sync() if isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise mean over ranks of ``tensor`` (a new tensor; the input itself for world size 1)."""
@@ -145,19 +154,14 @@ class DistributedContext:
         return bool(t.item())
 
 
-def _buckets(tensors: list[torch.Tensor], cap: int = BUCKET_BYTES) -> list[list[torch.Tensor]]:
-    """Consecutive tensors grouped by (device, dtype), each group cut at ``cap`` bytes (a tensor larger
-    than ``cap`` gets a bucket of its own)."""
-    out: list[list[torch.Tensor]] = []
-    open_: dict[tuple, tuple[list[torch.Tensor], int]] = {}
-    for t in tensors:
-        key = (t.device, t.dtype)
-        bucket, size = open_.get(key, ([], 0))
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > cap:
-            out.append(bucket)
-            bucket, size = [], 0
-        bucket.append(t)
-        open_[key] = (bucket, size + nbytes)
-    out.extend(bucket for bucket, _ in open_.values() if bucket)
-    return out
+class _Trained(nn.Module):
+    """The training network as a module whose parameters are exactly the trained tensors (what DDP reduces);
+    the frozen base weights the network closes over stay invisible to DDP."""
+
+    def __init__(self, net: Callable, params: Sequence[nn.Parameter]):
+        super().__init__()
+        self.trained = nn.ParameterList(params)  # the same Parameter objects, not copies
+        self._net = (net,)  # a tuple: a module-valued net must not be registered (its frozen weights)
+
+    def forward(self, *args, **kwargs):
+        return self._net[0](*args, **kwargs)

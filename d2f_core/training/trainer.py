@@ -17,6 +17,7 @@ for the global micro-batch of N·batch_size and each rank keeps its rows (see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -130,6 +131,9 @@ class Trainer:
         config.validate()
         self.dist = dist if dist is not None else DistributedContext.single(device)
         self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
+        # The forward whose backward trains: under DDP its gradients are averaged over ranks during the backward
+        # of a step's last micro-batch. Rollouts (no gradients) call ``net`` itself.
+        self.train_net = self.dist.wrap(net, params)
         self.device = torch.device(device) if device is not None else data.latents[0].device
         self.compute_dtype = compute_dtype
         self.snapshot, self.restore = snapshot, restore
@@ -160,9 +164,9 @@ class Trainer:
         empty = self.data.empty[bucket]
         return {k: torch.where(drop.reshape((batch,) + (1,) * (v.ndim - 1)), empty[k], v) for k, v in cond.items()}
 
-    def _net_output(self, sigma: torch.Tensor, x: torch.Tensor, cond: dict) -> torch.Tensor:
+    def _net_output(self, sigma: torch.Tensor, x: torch.Tensor, cond: dict, net: Callable | None = None) -> torch.Tensor:
         x_in = self.bridge.model_input(sigma, x).to(self.compute_dtype)
-        return self.net(x_in, self.bridge.label(sigma).float(), **cond)
+        return (net or self.net)(x_in, self.bridge.label(sigma).float(), **cond)
 
     def loss(self, x0: torch.Tensor, cond: dict, generator: torch.Generator, noise: torch.Tensor | None = None,
              offsets: list[int] | None = None) -> torch.Tensor:
@@ -189,7 +193,7 @@ class Trainer:
             x = rollout(velocity, x0, noise, sigma, offsets, spacing, self.sigma_range[1])
         else:
             x = interpolate(x0, noise, sigma)
-        out = self._net_output(sigma, x, cond)
+        out = self._net_output(sigma, x, cond, self.train_net)
         if c.objective == "diff2flow":
             return diff2flow_loss(self.bridge, out, x, x0, noise, sigma).mean()
         return native_loss(self.bridge, out, x0, noise, sigma).mean()
@@ -213,15 +217,15 @@ class Trainer:
                 ss_rng = random.Random(c.seed * 104_729 + step * 31 + micro)
                 offsets = self.dist.shard(
                     lambda n: c.scheduled_sampling.draw_offsets(ss_rng, n, step, c.steps), c.batch_size)
-            loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
-            loss.backward()
+            last = micro == c.grad_accumulation - 1
+            with contextlib.nullcontext() if last else self.dist.accumulating(self.train_net):
+                loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
+                loss.backward()  # the last one also averages the accumulated gradients over ranks (DDP)
             total += loss.detach()
             # Nothing of this micro-batch's autograd graph may outlive it: a CUDA-graph capture in the next
             # micro-batch must not meet the parameters' AccumulateGrad nodes alive from an eager backward on
             # another stream (the capture is then invalidated).
             del loss
-        # Each rank's loss is the mean over its rows: the gradient of the global mean is the ranks' average.
-        self.dist.average_gradients(self.params)
         if c.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm, foreach=True)
         self.optimizer.step()
