@@ -185,3 +185,22 @@ def test_context_checks():
         DistributedContext(rank=3, world_size=3)
     net = torch.nn.Linear(2, 2)
     assert ctx.single().wrap(net, list(net.parameters())) is net  # world size 1: no DDP, no collective
+
+
+@pytest.mark.parametrize("case", ["lora-acc2", "full-acc2"])
+def test_a_group_of_one_rank_runs_ddp_and_trains_the_plain_weights_bit_for_bit(case, tmp_path):
+    """A process group of one rank (what ``torchrun --nproc-per-node 1`` or bench_scale's ddp-1 row makes): the
+    trained net is DDP-wrapped (hooks, one-rank all-reduce), and the weights are the plain path's exactly."""
+    from torch.nn.parallel import DistributedDataParallel
+    _, plain, params = build(case, 4)
+    plain_losses = plain.run().losses
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ctx = DistributedContext.from_environment()
+        assert (ctx.world_size, ctx.backend) == (1, "gloo")
+        _, ddp, params1 = build(case, 4, ctx)
+        assert isinstance(ddp.train_net, DistributedDataParallel)
+        assert ddp.run().losses == plain_losses
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(a, b) for a, b in zip(params, params1))

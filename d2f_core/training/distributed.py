@@ -116,8 +116,10 @@ class DistributedContext:
     # --- collectives ------------------------------------------------------------------------------
     def wrap(self, net: Callable, params: Sequence[nn.Parameter]) -> Callable:
         """``net`` for data-parallel training: a :class:`~torch.nn.parallel.DistributedDataParallel` over a
-        module that owns exactly ``params`` (the trained tensors: LoRA factors, or full mode's masters), or
-        ``net`` itself for world size 1.
+        module that owns exactly ``params`` (the trained tensors: LoRA factors, or full mode's masters); ``net``
+        itself without a process group (:meth:`single`). A group of one rank gets DDP too: its hooks and a
+        one-rank all-reduce are the whole cost the distributed path adds before any communication, which
+        ``bench/bench_scale.py`` measures against the plain path.
 
         DDP checks at construction that every rank trains tensors of the same shapes and broadcasts rank 0's
         values (the ranks start identical even if a rank's initialisation differed); its backward hooks then
@@ -125,11 +127,11 @@ class DistributedContext:
         forward under ``torch.no_grad`` (scheduled sampling's rollout) costs DDP nothing. Call the result
         once per micro-batch with gradients on, inside :meth:`accumulating` for all but the last.
         """
-        if self.world_size == 1:
+        if self.backend is None:
             return net
         device_ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(_Trained(net, params), device_ids=device_ids, process_group=self.group,
-                                       bucket_cap_mb=BUCKET_MB, broadcast_buffers=False)
+                                       bucket_cap_mb=BUCKET_MB)  # no buffers: nothing to broadcast per forward
 
     @staticmethod
     def accumulating(net: Callable):
