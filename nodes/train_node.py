@@ -24,6 +24,8 @@ from ..d2f_core.storage.state import (architecture_fingerprint, load_state, read
                               save_state)
 from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
+from ..d2f_core.storage.metadata import file_metadata
+from .file_metadata import describe_training
 from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
@@ -220,11 +222,13 @@ class TrainingRun:
     def save(self, step: int) -> str:
         """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``)."""
         meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
+        described = describe_training(self.model, self.bridge, self.buckets, self.config, self.opts, self.files.name)
 
         def write_state(path):
-            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta)
+            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta,
+                       metadata=file_metadata(described, "state", step))
         try:
-            path = self.files.save(step, self.adapters.export(), write_state)
+            path = self.files.save(step, self.adapters.export(), write_state, file_metadata(described, self.mode, step))
         except OSError as exc:
             raise RuntimeError(f"D2FTrain could not save step {step}: {exc}. {self.files.kept()}") from exc
         self.reporter.saved(step, path)
