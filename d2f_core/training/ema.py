@@ -181,6 +181,15 @@ class EMA:
         self.load_state_tensors(tensors)
         self.start_step = int(info.get("start_step", self.start_step))
 
+    def restart(self, start_step: int) -> None:
+        """θ_ema ← θ, and k counts from ``start_step``: an EMA begun in a run resumed from a state that had none."""
+        if self._applied:
+            raise RuntimeError("EMA.restart inside EMA.applied(): the trained tensors hold the EMA")
+        with torch.inference_mode(False), torch.no_grad():
+            for k, e in self._ema.items():
+                e.copy_(self._live[k].detach())
+        self.start_step = int(start_step)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._ema.values())
