@@ -23,7 +23,9 @@ class D2FEMA(io.ComfyNode):
                 "Keeps an exponential moving average of the trained weights, θ_ema ← β_k·θ_ema + (1−β_k)·θ after "
                 "every optimizer step, with warm-up β_k = min(β, (1+k)/(10+k)). Connect it to D2FTrain's ema input: "
                 "previews, the saved LoRAs and the returned model and LoRA then use the EMA; the resumable state "
-                "keeps both the training weights and the EMA."),
+                "keeps both the training weights and the EMA. Memory: one more copy of the trained weights on the "
+                "GPU (negligible for a LoRA; a full SD1.5 fine-tune in fp32: 3.4 GB), and for a full fine-tune two "
+                "more in host memory for NaN recovery."),
             inputs=[
                 io.Float.Input("decay", default=0.999, min=0.0, max=0.99999, step=0.0001,
                                tooltip="β: the EMA averages about the last 1/(1−β) steps (0.999: ~1000 steps, 0.99: "
