@@ -22,11 +22,11 @@ from ..d2f_core.training.precision import cast_for_training
 from ..d2f_core.training.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
 from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.storage.files import plain_name
+from ..d2f_core.storage.metadata import file_metadata
 from ..d2f_core.storage.state import (architecture_fingerprint, read_state, read_state_meta, resume_mismatches,
                               save_state)
 from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
-from ..d2f_core.storage.metadata import file_metadata
 from .ema_node import EMAOptionsIO
 from .file_metadata import describe_training
 from .run_files import WHERE, RunFiles, resume_state_path
