@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension
 
+from .ema_node import OPTION_NODES
 from .flow_nodes import FLOW_NODES
 from .reflow_nodes import REFLOW_NODES
 from .train_node import TRAIN_NODES
@@ -9,7 +10,7 @@ from .train_node import TRAIN_NODES
 
 class Diff2FlowExtension(ComfyExtension):
     async def get_node_list(self):
-        return list(FLOW_NODES) + list(TRAIN_NODES) + list(REFLOW_NODES)
+        return list(FLOW_NODES) + list(TRAIN_NODES) + list(REFLOW_NODES) + list(OPTION_NODES)
 
 
 async def comfy_entrypoint() -> Diff2FlowExtension:

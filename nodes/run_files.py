@@ -9,6 +9,7 @@ its state folder, so no run ever writes over another run's files, including a ru
   rewrites at each save.
 
 Every write is ``d2f_core.storage.files.atomic_save``: a file is complete or absent, whatever stops the process.
+Every file carries ``modelspec.*`` / ``diff2flow.*`` metadata (``d2f_core.storage.metadata``).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ class RunFiles:
     def lora_path(self, step: int) -> str:
         return os.path.join(self.lora_dir, f"{self.name}_{step:06d}_steps.safetensors")
 
-    def save(self, step: int, lora: dict, write_state: Callable[[str], object]) -> str:
-        """The LoRA of ``step`` (once per step: a file is never written twice) and then the run's state
-        (``write_state(path)``), unless the state already holds ``step``. Returns the LoRA's path."""
+    def save(self, step: int, lora: dict, write_state: Callable[[str], object],
+             metadata: dict[str, str] | None = None) -> str:
+        """The LoRA of ``step`` (once per step: a file is never written twice), with ``metadata`` in its header,
+        and then the run's state (``write_state(path)``), unless the state already holds ``step``. Returns the
+        LoRA's path."""
         if step not in self.lora_paths:
-            self.lora_paths[step] = atomic_save(lora, self.lora_path(step))
+            self.lora_paths[step] = atomic_save(lora, self.lora_path(step), metadata)
         if self.state_step != step:
             write_state(self.state_path)
             self.state_step = step

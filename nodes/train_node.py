@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import comfy.model_management as mm
@@ -12,6 +13,7 @@ from comfy_api.latest import io
 from ..d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.training.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.training.data import LatentBuckets
+from ..d2f_core.training.ema import EMA, split_ema, with_ema
 from ..d2f_core.training.compilation import CompiledNet
 from ..d2f_core.training.graphs import GraphedNet
 from ..d2f_core.training.snapshots import HostSnapshots
@@ -20,10 +22,13 @@ from ..d2f_core.training.precision import cast_for_training
 from ..d2f_core.training.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
 from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.storage.files import plain_name
-from ..d2f_core.storage.state import (architecture_fingerprint, load_state, read_state_meta, resume_mismatches,
+from ..d2f_core.storage.metadata import file_metadata
+from ..d2f_core.storage.state import (architecture_fingerprint, read_state, read_state_meta, resume_mismatches,
                               save_state)
 from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
+from .ema_node import EMAOptionsIO
+from .file_metadata import describe_training
 from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
@@ -151,6 +156,9 @@ class D2FTrain(io.ComfyNode):
                 CouplingsIO.Input("couplings", optional=True,
                                   tooltip="Reflow pairs from D2FReflowPairs / D2FLoadReflowPairs: trains on each pair's "
                                           "sample and noise (Reflow). Latents/positive, if also given, are mixed in."),
+                EMAOptionsIO.Input("ema", optional=True,
+                                   tooltip="From D2FEMA: keep an EMA of the weights; previews, saved LoRAs and the outputs "
+                                           "use it. Resuming a state saved without EMA starts it from the resumed weights."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
@@ -215,16 +223,26 @@ class TrainingRun:
         self.reporter = TrainingReporter(node_id, config.steps)
         self.files: RunFiles | None = None
         self.resumed_from: str | None = None
+        self.ema_options = opts.get("ema")  # D2FEMA's options, or None
+        self.ema: EMA | None = None
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, step: int) -> str:
         """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``)."""
         meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
+        ema = self.ema
+        described = describe_training(self.model, self.bridge, self.buckets, self.config, self.opts, self.files.name,
+                                      ema=self.ema_options.info() if ema else None)
 
-        def write_state(path):
-            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta)
+        def write_state(path):  # the training weights (to resume from) and the EMA beside them
+            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta,
+                       ema=ema.named_tensors() if ema else None, ema_info=ema.info() if ema else None,
+                       metadata=file_metadata(described, "state", step))
         try:
-            path = self.files.save(step, self.adapters.export(), write_state)
+            with self.ema_weights():
+                lora = self.adapters.export()
+            path = self.files.save(step, lora, write_state,
+                                   file_metadata(described, self.mode, step, ema_weights=ema is not None))
         except OSError as exc:
             raise RuntimeError(f"D2FTrain could not save step {step}: {exc}. {self.files.kept()}") from exc
         self.reporter.saved(step, path)
@@ -248,7 +266,16 @@ class TrainingRun:
                                 include=include, key_prefix="diffusion_model.", seed=self.config.seed)
         return FullAdapters(unet, dtype=torch.float32, device=device, key_prefix="diffusion_model.")
 
+    def ema_weights(self):
+        """The EMA swapped into the trained tensors for the block (previews, exports, the returned model); without
+        an EMA, the training weights as they are."""
+        return self.ema.applied(backup_device="cpu") if self.ema is not None else contextlib.nullcontext()
+
     def preview(self, step: int):
+        with self.ema_weights():
+            self._preview(step)
+
+    def _preview(self, step: int):
         """A flow-Euler sample with the weights trained so far, shown on the node."""
         x0_data, conds = self.data.latents[0], self.data.conds[0]
         cond = {k: v[:1] for k, v in conds.items()}
@@ -311,7 +338,12 @@ class TrainingRun:
         if device.type == "cuda" and self.opts.get("cuda_graphs", True):
             train_net = GraphedNet(train_net, adapters.parameters())
 
-        take = HostSnapshots(adapters.named_trainables()).take if self.mode == "full" else adapters.state_tensors
+        if self.ema_options is not None:
+            self.ema = EMA.from_options(adapters.named_trainables(), self.ema_options, self.dtype)
+        # Snapshots hold the EMA too: after a NaN it must be reset with the weights (it averaged the bad ones in).
+        tracked = with_ema(adapters.named_trainables(), self.ema)
+        take = HostSnapshots(tracked).take if self.mode == "full" else \
+            (lambda: {k: v.detach().clone() for k, v in tracked.items()})
         # The trainer snapshots the weights at each loss read-out, just before it reports that step to `progress`
         # (LoRA: detached copies; full: two weight copies in host memory). The latest one and its step are kept
         # here too: what an out-of-memory error (no step count of its own) falls back to.
@@ -322,12 +354,16 @@ class TrainingRun:
             return read_out["weights"]
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
-                                         compute_dtype=self.dtype, snapshot=snapshot,
-                                         restore=adapters.load_state_tensors)
+                                         compute_dtype=self.dtype, snapshot=snapshot, restore=self.restore, ema=self.ema)
         start = 0
         if resume_path:
-            weights, start, _ = load_state(resume_path, trainer.optimizer, device=device)
-            adapters.load_state_tensors(weights)
+            state = read_state(resume_path, trainer.optimizer, device=device)
+            start = state.step
+            adapters.load_state_tensors(state.weights)
+            if self.ema is not None and state.ema is not None:
+                self.ema.load(state.ema, state.ema_info)
+            elif self.ema is not None:  # a state saved without EMA: the EMA starts from the resumed weights
+                self.ema.restart(start)
             self.resumed_from = resume_path
             logging.info(f"D2FTrain: resumed '{resume_path}' at step {start}")
 
@@ -377,7 +413,15 @@ class TrainingRun:
         if step_done > start:  # every run that trained ends saved (once per step: a due save is not redone)
             self.save(step_done)
         self.reporter.finished(step_done, status)
-        return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+        with self.ema_weights():
+            return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+
+    def restore(self, state: dict) -> None:
+        """Put a snapshot back: the trained tensors, and the EMA when the run keeps one."""
+        weights, emas = split_ema(state)
+        self.adapters.load_state_tensors(weights)
+        if self.ema is not None:
+            self.ema.load_state_tensors(emas)
 
     def _keep_after_oom(self, read_out: dict, start: int) -> str:
         """Save the weights of the last loss read-out (a step cut off by the error may have half-updated the
@@ -387,7 +431,7 @@ class TrainingRun:
         if step <= start or read_out["weights"] is None:
             return ""
         try:
-            self.adapters.load_state_tensors(read_out["weights"])
+            self.restore(read_out["weights"])
             self.trainer.optimizer.state.clear()
             return f" The weights of step {step} were saved to {self.save(step)}."
         except Exception as exc:  # still out of memory, disk full, …: the original error comes first

@@ -89,7 +89,7 @@ def pack(host):
     comfy_host.load_core_extras(host, "nodes_train.py", "nodes_dataset.py", "nodes_model_merging.py")
     train_node = sys.modules[host.node_class("D2FTrain").__module__]
     training = sys.modules[train_node.Trainer.__module__]
-    state = sys.modules[train_node.load_state.__module__]
+    state = sys.modules[train_node.save_state.__module__]
     return Pack(train_node, training, state)
 
 

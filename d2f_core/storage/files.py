@@ -35,6 +35,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file  # the underlying writer (tests replace it to inject faults)
 
+from .metadata import check_metadata
+
 TEMP_SUFFIX = ".d2f-tmp"
 _PLAIN = re.compile(r"[\w.-]+")  # \w: letters (any script), digits, underscore
 NAME_RULE = "letters, digits, '-', '_' and '.' only: no '/' or '\\', no spaces, not starting with '.'"
@@ -181,7 +183,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     one or the complete new one, whatever happens (see the module docstring). ``replace=False`` (the
     default): an existing ``path`` is an error (FileExistsError), checked before anything is written and
     again, atomically, when publishing. ``replace=True``: only for a file the caller owns. A full disk
-    raises an OSError that says so and names the path."""
+    raises an OSError that says so and names the path. ``metadata``: the safetensors header's str → str map
+    (``metadata.py``), checked before anything is written."""
+    if metadata is not None:
+        check_metadata(metadata)
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)

@@ -29,6 +29,7 @@ import torch
 from ..flow.bridge import FlowBridge, interpolate
 from .data import LatentBuckets
 from .distributed import DistributedContext
+from .ema import EMA
 from .loss_watch import LossWatch, NonFiniteLossError
 from ..flow.losses import diff2flow_loss, native_loss, sample_sigmas
 from .scheduled_sampling import ScheduledSampling, rollout
@@ -122,13 +123,17 @@ class Trainer:
     per rank, the global batch of a step ``batch_size · world_size · grad_accumulation``. The ranks must start
     from the same weights and optimizer state; they stay identical because every rank applies the same
     averaged gradient. Only rank 0 calls ``on_progress`` / ``on_save`` / ``on_preview``.
+
+    ``ema``: an :class:`~d2f_core.training.ema.EMA` of ``params``, updated after each optimizer step; include its
+    tensors in ``snapshot``/``restore`` (:func:`~d2f_core.training.ema.with_ema`) so a NaN restore resets it too.
     """
 
     def __init__(self, net: Callable, bridge: FlowBridge, params: list[torch.nn.Parameter], data: LatentBuckets,
                  config: TrainConfig, device=None, compute_dtype: torch.dtype = torch.float32,
                  snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None,
-                 dist: DistributedContext | None = None):
+                 dist: DistributedContext | None = None, ema: EMA | None = None):
         config.validate()
+        self.ema = ema  # updated after every optimizer step (training/ema.py); None: no EMA
         self.dist = dist if dist is not None else DistributedContext.single(device)
         self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
         # The forward whose backward trains: under DDP its gradients are averaged over ranks during the backward
@@ -229,6 +234,8 @@ class Trainer:
         if c.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm, foreach=True)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(step)
         self.optimizer.zero_grad(set_to_none=False)
         return total
 
