@@ -20,7 +20,8 @@ from comfy_api.latest import io
 
 from ..d2f_core import __version__ as PACK_VERSION
 from ..d2f_core.training.couplings import (Couplings, CouplingsError, CouplingsWriter, folder_pair_count, generate,
-                                  is_couplings_folder, load_couplings)
+                                  is_couplings_folder, load_couplings, missing_chunks)
+from ..d2f_core.training.distributed import DistributedContext
 from ..d2f_core.training.data import _common_length, stack_conditioning
 from ..d2f_core.storage.files import folder_name, resolve_inside
 from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
@@ -285,18 +286,24 @@ class D2FReflowPairs(io.ComfyNode):
             "prompts": [conditioning_digest([e]) for e in entries], "negative": conditioning_digest(negative),
             "pack_version": PACK_VERSION, "batch_size": batch_size,
         }
+        ctx = DistributedContext.from_environment()  # single() unless under torchrun (DESIGN §7)
         try:
-            writer = CouplingsWriter(folder, meta, table)
+            writer = CouplingsWriter.open(folder, meta, table, ctx)
         except CouplingsError as exc:
             raise ValueError(f"D2FReflowPairs: {exc}") from None
 
-        if writer.count < count:
+        missing = missing_chunks(writer.ranges, count, batch_size)
+        if missing:
+            mine = sum(n for _, n in ctx.deal(missing))
             run = PairSampler(flow, entries, negative, cfg, flow_sigmas(steps, float(sampling.sigma_max), shift),
-                              seed, total=(count - writer.count) * steps, node_id=cls.hidden.unique_id)
-            logging.info(f"D2FReflowPairs: {writer.count} pairs in '{folder}', making {count - writer.count} more")
+                              seed, total=mine * steps, node_id=cls.hidden.unique_id, progress=ctx.is_main)
+            if ctx.is_main:
+                ranks = f" on {ctx.world_size} ranks" if ctx.distributed else ""
+                logging.info(f"D2FReflowPairs: {writer.count} pairs in '{folder}', making "
+                             f"{sum(n for _, n in missing)} more{ranks}")
             try:
                 generate(writer, count, batch_size, run.sample, seed=seed, shape=shape,
-                         should_stop=mm.processing_interrupted)
+                         should_stop=mm.processing_interrupted, dist=ctx)
             except mm.InterruptProcessingException:
                 pass
             except torch.OutOfMemoryError:
@@ -307,31 +314,38 @@ class D2FReflowPairs(io.ComfyNode):
                 mm.interrupt_current_processing(False)
                 if writer.count == 0:
                     raise mm.InterruptProcessingException()
-                logging.info(f"D2FReflowPairs: stopped with {writer.count}/{count} pairs in '{folder}'; "
-                             "run again with the same inputs to continue")
-        couplings = load_couplings(folder, limit=count)
+                if ctx.is_main:
+                    logging.info(f"D2FReflowPairs: stopped with {writer.count}/{count} pairs in '{folder}'; "
+                                 "run again with the same inputs to continue")
+        # generate's last collective came after every rank's last chunk: each rank loads the whole folder
+        couplings = load_couplings(folder, limit=min(count, writer.count))
         return io.NodeOutput(couplings, len(couplings))
 
 
 class PairSampler:
     """The host's own sampling path for one chunk: CFGGuider + KSAMPLER(sample_euler_flow) over flow sigmas,
-    with the node's progress bar and latent previews."""
+    with the node's progress bar and latent previews when ``progress`` (rank 0 only: the other ranks of a
+    distributed run have no UI)."""
 
-    def __init__(self, model, entries, negative, cfg: float, sigmas: torch.Tensor, seed: int, total: int, node_id):
+    def __init__(self, model, entries, negative, cfg: float, sigmas: torch.Tensor, seed: int, total: int, node_id,
+                 progress: bool = True):
         self.model, self.entries, self.negative, self.cfg = model, entries, negative, cfg
         self.sigmas, self.seed = sigmas, seed
         self.sampler = comfy.samplers.KSAMPLER(sample_euler_flow)
         self.latent_format = model.get_model_object("latent_format")
-        self.pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.pbar = comfy.utils.ProgressBar(total, node_id=node_id) if progress else None
         self.done = 0  # pair-steps finished
         self.previewer = None
-        try:
-            import latent_preview
-            self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-        except Exception as exc:  # previews are optional
-            logging.warning(f"D2FReflowPairs: no previews ({exc})")
+        if progress:
+            try:
+                import latent_preview
+                self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+            except Exception as exc:  # previews are optional
+                logging.warning(f"D2FReflowPairs: no previews ({exc})")
 
     def _callback(self, rows: int):
+        if self.pbar is None:
+            return None
         base = self.done
 
         def callback(step, x0, x, total_steps):
@@ -349,7 +363,8 @@ class PairSampler:
         guider.set_conds(positive, self.negative)
         guider.set_cfg(self.cfg)
         out = guider.sample(noise, torch.zeros_like(noise), self.sampler, self.sigmas,
-                            callback=self._callback(noise.shape[0]), disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+                            callback=self._callback(noise.shape[0]),
+                            disable_pbar=self.pbar is None or not comfy.utils.PROGRESS_BAR_ENABLED,
                             seed=self.seed)
         self.done += noise.shape[0] * (len(self.sigmas) - 1)
         return self.latent_format.process_in(out.float().cpu())

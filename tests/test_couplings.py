@@ -81,7 +81,7 @@ def test_round_trip_is_bit_identical(tmp_path):
         x = torch.randn(n, *SHAPE) * 3 + 1e-30  # arbitrary float32 bits, denormal-adjacent values included
         writer.append(nz, x, ix)
         noise.append(nz), x0.append(x), index.append(ix)
-    assert writer.count == 10 and writer.chunks == 3
+    assert writer.count == 10 and writer.ranges == [(0, 4), (4, 4), (8, 2)]
     c = load_couplings(str(tmp_path / "c"))
     assert len(c) == 10 and c.shape == SHAPE and c.num_prompts == 3
     for got, want in ((c.noise, torch.cat(noise)), (c.x0, torch.cat(x0)), (c.prompt_index, torch.cat(index))):
@@ -110,7 +110,7 @@ def test_resume_after_interruption_writes_identical_files(tmp_path):
         write(tmp_path / "resumed", count=10, batch=4, fail_after=1)
     assert folder_pair_count(str(tmp_path / "resumed")) == 4  # the finished chunk survived
     # a write that was cut off mid-file leaves only a temp file (atomic_save's naming), which the next open removes
-    open(tmp_path / "resumed" / f".{chunk_name(1)}.0123456789ab{TEMP_SUFFIX}", "wb").write(b"partial")
+    open(tmp_path / "resumed" / f".{chunk_name(4, 8)}.0123456789ab{TEMP_SUFFIX}", "wb").write(b"partial")
     writer, calls = write(tmp_path / "resumed", count=10, batch=4)
     assert calls == [4, 8] and writer.count == 10  # continued from pair 4, nothing redone
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "straight")
@@ -145,7 +145,7 @@ def test_other_prompts_are_refused_and_info_keys_are_not_identity(tmp_path):
 
 def test_damaged_folder_is_reported(tmp_path):
     write(tmp_path / "c", count=12, batch=4)
-    os.remove(tmp_path / "c" / chunk_name(1))
+    os.remove(tmp_path / "c" / chunk_name(4, 8))
     with pytest.raises(CouplingsError, match="missing"):
         load_couplings(str(tmp_path / "c"))
     with pytest.raises(CouplingsError, match="no Diff2Flow couplings"):
@@ -157,7 +157,7 @@ def test_prompt_table_is_stored_once(tmp_path):
     write(tmp_path / "c", count=12, batch=4, prompts=prompts)
     from safetensors import safe_open
     for k in range(3):
-        with safe_open(str(tmp_path / "c" / chunk_name(k)), "pt") as f:
+        with safe_open(str(tmp_path / "c" / chunk_name(4 * k, 4 * k + 4)), "pt") as f:
             assert sorted(f.keys()) == ["noise", "prompt_index", "x0"]  # no conditioning per pair
     with safe_open(str(tmp_path / "c" / PROMPTS_FILE), "pt") as f:
         assert f.get_tensor("prompt.context").shape == (3, 77, 64)

@@ -238,7 +238,7 @@ def test_couplings_chunks_are_never_overwritten_and_damage_is_named(tmp_path):
     with pytest.raises(FileExistsError):  # a second writer on the same folder cannot replace chunk 0
         stale.append(torch.ones(shape), torch.zeros(shape), torch.zeros(1, dtype=torch.int64))
     assert torch.equal(load_couplings(folder).x0, torch.ones(shape))
-    chunk = os.path.join(folder, chunk_name(0))
+    chunk = os.path.join(folder, chunk_name(0, 1))
     data = open(chunk, "rb").read()
     open(chunk, "wb").write(data[:-10])
     with pytest.raises(CouplingsError, match=f"couplings file '{chunk}' is damaged or incomplete"):

@@ -268,7 +268,7 @@ def test_damaged_couplings_are_named(host, pack):
         writer.append(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.int64))
     _, n = host.run("D2FLoadReflowPairs", name="damaged_pairs")
     assert n == 4
-    for name in (couplings.chunk_name(1), couplings.PROMPTS_FILE):
+    for name in (couplings.chunk_name(2, 4), couplings.PROMPTS_FILE):
         path = os.path.join(folder, name)
         good = state_bytes(path)
         _truncate(path, path)

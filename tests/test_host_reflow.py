@@ -153,7 +153,7 @@ def test_pairs_equal_stock_euler(host, sd15_model, prompts, mods, variant, recor
 # ---------------------------------------------------------------------------------------------
 def test_interrupt_keeps_chunks_and_resume_is_identical(host, sd15_model, prompts, mods, monkeypatch):
     import comfy.utils
-    reflow, _, _ = mods
+    reflow, _, couplings_mod = mods
     pos, neg = [prompts["a"], prompts["b"]], prompts["neg"]
     make_pairs(host, sd15_model, pos, neg, "straight", count=6, steps=3)
     straight = reflow.couplings_folder("straight")
@@ -175,13 +175,14 @@ def test_interrupt_keeps_chunks_and_resume_is_identical(host, sd15_model, prompt
     assert n == len(c) == 2, seen  # the finished chunk, returned
     assert not host.mm.processing_interrupted()
     resumed = reflow.couplings_folder("resumed")
-    assert sorted(f for f in os.listdir(resumed) if f.startswith("chunk")) == ["chunk_00000.safetensors"]
+    first = couplings_mod.chunk_name(0, 2)
+    assert sorted(f for f in os.listdir(resumed) if f.startswith("chunk")) == [first]
     assert reflow.D2FReflowPairs.fingerprint_inputs(name=["resumed"]) != before  # the executor re-runs it
-    first_chunk = os.stat(os.path.join(resumed, "chunk_00000.safetensors")).st_mtime_ns
+    first_chunk = os.stat(os.path.join(resumed, first)).st_mtime_ns
 
     c, n = make_pairs(host, sd15_model, pos, neg, "resumed", count=6, steps=3)
     assert n == 6
-    assert os.stat(os.path.join(resumed, "chunk_00000.safetensors")).st_mtime_ns == first_chunk  # not redone
+    assert os.stat(os.path.join(resumed, first)).st_mtime_ns == first_chunk  # not redone
     assert folder_bytes(resumed) == folder_bytes(straight)
 
 

@@ -24,16 +24,27 @@ replacing an existing file; a damaged file raises ``CouplingsError`` naming it):
 * ``prompts.safetensors``: the prompt table, tensors ``prompt.<kwarg>`` shaped (P, …) in float32 (the
   UNet's conditioning keyword tensors, e.g. ``context`` (P, 77, 768) and SDXL's ``y`` (P, 2816)), stored
   once per prompt; header ``{format, meta, num_prompts}``.
-* ``chunk_00000.safetensors``, ``chunk_00001.safetensors``, …: ``noise`` and ``x0`` (n, C, H, W) float32
-  and ``prompt_index`` (n,) int64 of pairs ``start … start+n-1``; header ``{format, meta, start, count}``.
+* ``chunk_<start>-<stop>.safetensors`` (9-digit numbers): ``noise`` and ``x0`` (n, C, H, W) float32 and
+  ``prompt_index`` (n,) int64 of pairs [start, stop), n = stop - start; header ``{format, meta, start, count}``.
+  Folders written before chunks were named by their range call them ``chunk_00000.safetensors``,
+  ``chunk_00001.safetensors``, … in the order written, with the same header; they are read and continued
+  alike, since a chunk's pairs are its header's, not its name's.
 
 The header is one safetensors metadata entry, ``d2f_couplings``, holding sorted JSON (so equal contents are
 equal bytes).
 
+The chunks of a folder must not overlap (two files holding one pair: mixed runs, refused). The pairs
+loaded are [0, n) with no gap: a gap before the pairs asked for raises an error naming the missing pairs;
+pairs after it stay on disk until a run fills it.
+
 Chunks are written as they are generated, so an interruption loses at most the chunk being made.
 Pair i's noise is a function of (seed, i) only (``pair_noise``) and its prompt is i mod P, so a folder
-reopened with the same meta continues exactly where it stopped: a resumed run writes the files an
-uninterrupted one would have written.
+reopened with the same meta continues exactly where it stopped. The chunks a run still has to make are a
+function of the folder alone (``missing_chunks``: each gap in [0, count) cut into pieces of the batch size
+from its start), and each names its own pair range, so a resumed run writes the files an uninterrupted one
+would have written, and several processes (torch.distributed ranks, DESIGN §7) can share them out
+(``generate``): the pairs are the same tensors whatever the world size, and a run stopped on N ranks can be
+continued on any other number.
 
 ``meta`` identifies what the pairs are samples of (model, prompts, negative, cfg, steps, shift, seed,
 latent format, shape, …). Reopening a folder with a different identity is refused: the pairs would be
@@ -42,6 +53,7 @@ samples of two different ODEs. Keys in ``INFO_KEYS`` (pack version, batch size) 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -54,11 +66,12 @@ import torch
 from ..flow.bridge import FlowBridge
 from ..storage.files import DamagedFileError, atomic_save, is_temp_file, read_header, read_tensors
 from ..flow.samplers import sample_euler_flow
+from .distributed import DistributedContext
 
 FORMAT = "d2f_couplings"
 FORMAT_VERSION = 1
 PROMPTS_FILE = "prompts.safetensors"
-CHUNK_RE = re.compile(r"^chunk_(\d{5,})\.safetensors$")
+CHUNK_RE = re.compile(r"^chunk_\d{5,}(-\d{5,})?\.safetensors$")  # chunk_<start>-<stop>, or the older chunk_<k>
 INFO_KEYS = frozenset({"pack_version", "batch_size"})  # recorded, not part of a folder's identity
 
 
@@ -66,8 +79,10 @@ class CouplingsError(ValueError):
     """A couplings folder cannot be used as asked (different meta, damaged, empty)."""
 
 
-def chunk_name(k: int) -> str:
-    return f"chunk_{k:05d}.safetensors"
+def chunk_name(start: int, stop: int) -> str:
+    """The file of pairs [start, stop). Chunks of disjoint ranges have different names, so writers (ranks,
+    runs) never race for one file; two writers of one range do, and the second gets FileExistsError."""
+    return f"chunk_{start:09d}-{stop:09d}.safetensors"
 
 
 # --- noise and prompts of pair i ---------------------------------------------------------------------
@@ -281,36 +296,30 @@ def _folder_meta(folder: str) -> tuple[dict, int]:
 
 
 def _chunk_files(folder: str) -> list[str]:
-    found = {}
-    for name in os.listdir(folder):
-        m = CHUNK_RE.match(name)
-        if m:
-            found[int(m.group(1))] = os.path.join(folder, name)
-    if not found:
-        return []
-    if sorted(found) != list(range(len(found))):
-        missing = sorted(set(range(max(found) + 1)) - set(found))
-        raise CouplingsError(f"couplings folder '{folder}' is damaged: {chunk_name(missing[0])} is missing "
-                             f"but later chunks exist. Delete the folder (or the chunks after the gap) and rerun.")
-    return [found[k] for k in range(len(found))]
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if CHUNK_RE.match(name))
 
 
 def _scan_chunks(folder: str) -> list[tuple[str, int, int]]:
-    """[(path, start, count)] of the folder's chunks, checked to be contiguous from pair 0."""
-    out, expected = [], 0
+    """[(path, start, count)] of the folder's chunks by start, checked not to overlap (gaps are allowed: a
+    stopped run on several ranks leaves them)."""
+    out = []
     for path in _chunk_files(folder):
         header = _read_metadata(path)
         start, count = int(header.get("start", -1)), int(header.get("count", -1))
-        if start != expected or count < 0:
-            raise CouplingsError(f"couplings chunk '{path}' holds pairs from {start} but {expected} was expected: "
-                                 "the folder is damaged (mixed runs?). Use a new name.")
+        if start < 0 or count < 0:
+            raise CouplingsError(f"couplings chunk '{path}' names no pair range in its header: it is damaged. "
+                                 "Delete it and rerun D2FReflowPairs to remake its pairs.")
         out.append((path, start, count))
-        expected += count
+    out.sort(key=lambda c: c[1])
+    for (path_a, start_a, count_a), (path_b, start_b, _) in zip(out, out[1:]):
+        if start_b < start_a + count_a:
+            raise CouplingsError(f"couplings chunks '{path_a}' and '{path_b}' both hold pair {start_b}: the folder "
+                                 "mixes runs and is damaged. Use a new name.")
     return out
 
 
 def folder_pair_count(folder: str) -> int:
-    """Pairs in a couplings folder (0 when it does not exist); reads file headers only."""
+    """Pairs on disk in a couplings folder, after a gap too (0 when it does not exist); reads file headers only."""
     if not os.path.isfile(os.path.join(folder, PROMPTS_FILE)):
         return 0
     try:
@@ -328,15 +337,18 @@ def is_couplings_folder(folder: str) -> bool:
 
 
 class CouplingsWriter:
-    """Appends chunks of pairs to a couplings folder; reopening a folder resumes it.
+    """Writes chunks of pairs to a couplings folder; reopening a folder resumes it.
 
     ``CouplingsWriter(folder, meta, prompts)``: a new folder is created with the prompt table; an existing
     one must have the same identity (``meta`` minus ``INFO_KEYS``) and the same prompt table, else a
-    ``CouplingsError`` names what differs. ``count`` is the number of pairs already there; ``append``
-    writes the next chunk, whose pairs must start at ``count``.
+    ``CouplingsError`` names what differs. ``ranges`` are the (start, n) of the chunks there, by start;
+    ``count`` the pairs 0 … count-1 they hold without a gap; ``append`` writes a chunk of new pairs.
+    ``create=False`` opens a folder that another process (rank 0, see :meth:`open`) set up: it must exist,
+    and only the creator removes leftovers of killed writes, so no temp file of a live writer is touched.
     """
 
-    def __init__(self, folder: str, meta: dict, prompts: dict[str, torch.Tensor] | None = None):
+    def __init__(self, folder: str, meta: dict, prompts: dict[str, torch.Tensor] | None = None, *,
+                 create: bool = True):
         self.folder = os.path.abspath(folder)
         self.meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
         self.meta = json.loads(_meta_json(self.meta))  # plain JSON: what a reader gets back
@@ -348,6 +360,9 @@ class CouplingsWriter:
         prompts_path = os.path.join(self.folder, PROMPTS_FILE)
         if os.path.isfile(prompts_path):
             self._check_existing(prompts)
+        elif not create:
+            raise CouplingsError(f"'{self.folder}' has no {PROMPTS_FILE}, although the process that sets the folder "
+                                 "up made it: every process must see the same folder (one shared file system).")
         else:
             if os.path.isdir(self.folder) and _chunk_files(self.folder):
                 raise CouplingsError(f"'{self.folder}' holds couplings chunks but no {PROMPTS_FILE}: the folder is "
@@ -355,12 +370,49 @@ class CouplingsWriter:
             os.makedirs(self.folder, exist_ok=True)
             _save({f"prompt.{k}": v for k, v in prompts.items()}, prompts_path,
                          {"format": FORMAT, "meta": self.meta, "num_prompts": self.num_prompts})
-        for name in os.listdir(self.folder):  # leftovers of a write that was cut off
-            if is_temp_file(name):
-                os.remove(os.path.join(self.folder, name))
-        chunks = _scan_chunks(self.folder)
-        self.chunks = len(chunks)
-        self.count = sum(c for _, _, c in chunks)
+        if create:
+            for name in os.listdir(self.folder):  # leftovers of a write that was cut off
+                if is_temp_file(name):
+                    os.remove(os.path.join(self.folder, name))
+        self.rescan()
+
+    @classmethod
+    def open(cls, folder: str, meta: dict, prompts: dict[str, torch.Tensor] | None = None,
+             dist: DistributedContext | None = None) -> "CouplingsWriter":
+        """This rank's writer of a folder shared by the ranks of ``dist`` (None: one process, the constructor).
+
+        Rank 0 opens first: it alone creates the folder, writes the prompt table and removes leftovers. A
+        collective, then the other ranks open what it made (``create=False``); a second collective, so that no
+        rank writes before every rank has read the chunks there: all deal out the same missing chunks. A
+        failure on any rank is raised on every rank (no rank is left waiting in a collective).
+        """
+        ctx = dist or DistributedContext.single()
+        writer = None
+        for my_turn in (ctx.is_main, not ctx.is_main):
+            error = None
+            if my_turn:
+                try:
+                    writer = cls(folder, meta, prompts, create=ctx.is_main)
+                except (ValueError, OSError) as exc:
+                    error = exc
+            if ctx.any(error is not None):
+                raise error or CouplingsError(f"another rank could not open the couplings folder '{folder}' (see "
+                                              "its error)")
+        return writer
+
+    def rescan(self) -> None:
+        """Read which pairs the folder holds, whoever wrote them (e.g. the other ranks)."""
+        self.ranges = [(start, n) for _, start, n in _scan_chunks(self.folder)]
+
+    @property
+    def count(self) -> int:
+        """Pairs 0 … count-1 are on disk; ``ranges`` may hold more after a gap."""
+        end = 0
+        for start, n in self.ranges:
+            if start != end:
+                break
+            end += n
+        return end
 
     def _check_existing(self, prompts: dict[str, torch.Tensor]):
         old, num_prompts = _folder_meta(self.folder)
@@ -380,19 +432,20 @@ class CouplingsWriter:
                                  "connect the same prompts again.")
 
     def append(self, noise: torch.Tensor, x0: torch.Tensor, prompt_index: torch.Tensor, start: int | None = None) -> str:
-        """Write the next chunk (pairs ``count … count+n-1``) atomically; returns its path."""
+        """Write pairs [start, start+n) (by default start = ``count``) as one chunk, atomically; returns its path.
+        They must be new to this writer; a chunk of the same range written meanwhile by another raises
+        FileExistsError (``chunk_name``), one of another range overlapping it is refused when the folder is read."""
         start = self.count if start is None else int(start)
-        if start != self.count:
-            raise CouplingsError(f"chunk starts at pair {start} but the folder holds {self.count} pairs")
         n = int(x0.shape[0])
         if noise.shape != x0.shape or prompt_index.shape != (n,):
             raise CouplingsError(f"a chunk needs noise/x0 (n, C, H, W) and prompt_index (n,), got "
                                  f"{tuple(noise.shape)}, {tuple(x0.shape)}, {tuple(prompt_index.shape)}")
-        path = os.path.join(self.folder, chunk_name(self.chunks))
+        if any(s < start + n and start < s + c for s, c in self.ranges):
+            raise CouplingsError(f"pairs {start}…{start + n - 1} are already in '{self.folder}'")
+        path = os.path.join(self.folder, chunk_name(start, start + n))
         _save({"noise": noise.float(), "x0": x0.float(), "prompt_index": prompt_index.to(torch.int64)}, path,
                      {"format": FORMAT, "meta": self.meta, "start": start, "count": n})
-        self.chunks += 1
-        self.count += n
+        bisect.insort(self.ranges, (start, n))
         return path
 
 
@@ -402,7 +455,12 @@ def _short(value, limit: int = 40) -> str:
 
 
 def load_couplings(folder: str, limit: int | None = None) -> Couplings:
-    """Every pair in ``folder`` (or the first ``limit``), bit-identical to what was written."""
+    """Pairs 0 … N-1 of ``folder`` (N: all, or the first ``limit``), bit-identical to what was written.
+
+    The chunks must follow each other from pair 0 up to the pairs asked for: a gap there (pairs a stopped
+    run on several ranks did not make, or a deleted chunk) raises an error naming the missing pairs. Fewer
+    pairs than ``limit`` at the end is not a gap: the pairs there are returned.
+    """
     folder = os.path.abspath(folder)
     if not os.path.isfile(os.path.join(folder, PROMPTS_FILE)):
         raise CouplingsError(f"no Diff2Flow couplings in '{folder}' (no {PROMPTS_FILE}): make them with "
@@ -412,16 +470,20 @@ def load_couplings(folder: str, limit: int | None = None) -> Couplings:
     prompts = {k[len("prompt."):]: v for k, v in table.items() if k.startswith("prompt.")}
     noise, x0, index = [], [], []
     have = 0
-    for path, _, count in _scan_chunks(folder):
+    for path, start, count in _scan_chunks(folder):
         if limit is not None and have >= limit:
             break
+        if start != have:
+            raise CouplingsError(f"pairs {have}…{start - 1} of the couplings in '{folder}' are missing (a stopped run, "
+                                 "or a deleted chunk): run D2FReflowPairs again with the same inputs to make them, or "
+                                 f"load at most {have} pairs (limit).")
         tensors, header = _read(path)
         if _identity(header.get("meta", {})) != _identity(meta):
             raise CouplingsError(f"'{path}' was made with other settings than '{folder}': the folder mixes runs")
         missing = {"noise", "x0", "prompt_index"} - set(tensors)
         if missing:
-            raise CouplingsError(f"couplings chunk '{path}' lacks {sorted(missing)}: it is damaged. Delete it and "
-                                 "the chunks after it, then rerun D2FReflowPairs to remake them.")
+            raise CouplingsError(f"couplings chunk '{path}' lacks {sorted(missing)}: it is damaged. Delete it, then "
+                                 "rerun D2FReflowPairs with the same inputs to remake its pairs.")
         noise.append(tensors["noise"])
         x0.append(tensors["x0"])
         index.append(tensors["prompt_index"])
@@ -433,28 +495,63 @@ def load_couplings(folder: str, limit: int | None = None) -> Couplings:
 
 
 # --- the generation loop -----------------------------------------------------------------------------
-def generate(writer: CouplingsWriter, count: int, batch_size: int, sample: Callable, *, seed: int, shape,
-             should_stop: Callable[[], bool] | None = None,
-             on_chunk: Callable[[int, int], None] | None = None) -> int:
-    """Make pairs ``writer.count … count-1`` in chunks of ``batch_size`` and append each as it is done.
+def missing_chunks(ranges: list[tuple[int, int]], count: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, n) of the chunks that make pairs [0, count) complete, given the (start, n) ``ranges`` on disk
+    (by start, disjoint): each gap cut into pieces of ``batch_size`` from the gap's start.
 
-    ``sample(noise (n,C,H,W) float32 CPU, prompt_index (n,), start) -> x̂0 (n,C,H,W)`` solves the ODE.
-    Chunks are [writer.count + k·batch_size, …): an interrupted run resumed with the same batch size writes
-    the same files as an uninterrupted one. ``should_stop()`` is asked between chunks; an exception raised
-    by ``sample`` (e.g. the host's interrupt) propagates with every finished chunk already on disk.
-    Returns the number of pairs in the folder.
+    A function of the folder alone, so every rank computes the same list. From an empty folder the chunks are
+    [k·B, (k+1)·B); a run stopped between chunks leaves gaps that start on that grid, so continuing it with
+    the same B, on any number of ranks, writes exactly the chunks an uninterrupted run writes.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    while writer.count < count:
-        if should_stop is not None and should_stop():
+    out, done = [], 0  # done: the end of the chunks seen so far
+    for start, n in [*ranges, (count, 0)]:
+        stop = min(start, count)
+        out.extend((s, min(batch_size, stop - s)) for s in range(done, stop, batch_size))
+        done = max(done, start + n)
+    return out
+
+
+def _make_chunk(writer: CouplingsWriter, start: int, n: int, sample: Callable, seed: int, shape) -> None:
+    noise = pair_noise(seed, start, n, shape)
+    index = prompt_indices(start, n, writer.num_prompts)
+    x0 = sample(noise, index, start)
+    writer.append(noise, x0.detach().float().cpu(), index, start)
+
+
+def generate(writer: CouplingsWriter, count: int, batch_size: int, sample: Callable, *, seed: int, shape,
+             should_stop: Callable[[], bool] | None = None, dist: DistributedContext | None = None) -> int:
+    """Make the pairs of [0, count) the folder lacks: the chunks of :func:`missing_chunks`, dealt round-robin
+    to the ranks of ``dist`` (rank r makes chunks r, r+N, r+2N, …; None: one process makes them all), each
+    written by its maker as soon as it is done. ``writer`` is this rank's (:meth:`CouplingsWriter.open`).
+
+    ``sample(noise (n,C,H,W) float32 CPU, prompt_index (n,), start) -> x̂0 (n,C,H,W)`` solves the ODE; pair
+    i's noise and prompt depend on i only, so the folder holds the same tensors whatever the world size.
+
+    Before each round of N chunks every rank takes part in one ``dist.any`` of "stop": its ``should_stop()``,
+    or an exception its last chunk raised (e.g. the host's interrupt, out of memory). So a stop on any rank
+    ends every rank after the chunk it is making, with every finished chunk on disk. One more ``any`` after
+    the last round: when it returns every rank's chunks are written, and the folder is read again. The
+    exception is then raised on the rank that had it. World size 1 issues no collective.
+    Returns ``writer.count``: the pairs from 0 on without a gap, counting every rank's chunks.
+    """
+    ctx = dist or DistributedContext.single()
+    chunks = missing_chunks(writer.ranges, count, batch_size)
+    mine = ctx.deal(chunks)
+    rounds = -(-len(chunks) // ctx.world_size)  # rank 0's share, the largest: every rank runs as many rounds
+    error = None
+    for k in range(rounds):
+        if ctx.any(error is not None or (should_stop is not None and should_stop())):
             break
-        start = writer.count
-        n = min(batch_size, count - start)
-        noise = pair_noise(seed, start, n, shape)
-        index = prompt_indices(start, n, writer.num_prompts)
-        x0 = sample(noise, index, start)
-        writer.append(noise, x0.detach().float().cpu(), index)
-        if on_chunk is not None:
-            on_chunk(writer.count, count)
+        if k < len(mine):
+            try:
+                _make_chunk(writer, *mine[k], sample, seed, shape)
+            except BaseException as exc:  # held until every rank has heard of it: none waits for this one
+                error = exc
+    else:
+        ctx.any(error is not None)  # the last round's chunks are on disk on every rank
+    writer.rescan()
+    if error is not None:
+        raise error
     return writer.count

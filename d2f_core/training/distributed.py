@@ -113,6 +113,11 @@ class DistributedContext:
             return draw(per_rank)
         return draw(per_rank * self.world_size)[self.rows(per_rank)]
 
+    def deal(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's share of a work list that every rank holds alike: items r, r+N, r+2N, … (round-robin,
+        so neighbouring items, e.g. chunks of similar cost, go to different ranks). World size 1: all."""
+        return items[self.rank::self.world_size]
+
     # --- collectives ------------------------------------------------------------------------------
     def wrap(self, net: Callable, params: Sequence[nn.Parameter]) -> Callable:
         """``net`` for data-parallel training: a :class:`~torch.nn.parallel.DistributedDataParallel` over a
