@@ -36,12 +36,12 @@ CASES = {
 }
 
 
-def build(case: str, batch_size: int, ctx: DistributedContext | None = None):
+def build(case: str, batch_size: int, ctx: DistributedContext | None = None, steps: int = STEPS):
     """The net, its trainer and the trained tensors of ``case``, identical in every process."""
     mode, fields = CASES[case]
     fields = dict(fields)
     data = dataset(n=fields.pop("data_size", 6), empty=True)
-    config = TrainConfig(steps=STEPS, batch_size=batch_size, learning_rate=3e-3, seed=11, sync_every=2,
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=3e-3, seed=11, sync_every=2,
                          **fields)
     net = call = TinyNet()
     if mode == "lora":
@@ -69,6 +69,28 @@ class PoisonedTrainer(Trainer):
         return super().step(step)
 
 
+class StopRequest(Exception):
+    """A stop request raised from inside the network, as the host's per-layer stop check raises it."""
+
+
+class StoppedTrainer(Trainer):
+    """Rank 1's network raises StopRequest once, after its forward pass of step 2 (1-based)."""
+
+    raised = False
+
+    def step(self, step):
+        if self.dist.rank == 1 and step == 1 and not self.raised:
+            self.raised = True
+            net = self.net
+
+            def forward_then_stop(*args, **kwargs):
+                self.net = net
+                net(*args, **kwargs)
+                raise StopRequest
+            self.net = forward_then_stop
+        return super().step(step)
+
+
 def _train_all(ctx: DistributedContext) -> dict:
     """Every case, and the NaN case, on this rank of ``ctx``."""
     results = {}
@@ -83,6 +105,10 @@ def _train_all(ctx: DistributedContext) -> dict:
         results["nan"] = None
     except NonFiniteLossError as e:
         results["nan"] = (e.step, e.last_good_step, all(bool(torch.isfinite(p).all()) for p in params))
+    _, trainer, params = build("full-acc1", PER_RANK, ctx)
+    trainer.__class__ = StoppedTrainer
+    result = trainer.run(stop_exceptions=(StopRequest,))
+    results["stop"] = (result.status, result.step, [p.detach().clone() for p in params])
     return results
 
 
@@ -165,6 +191,19 @@ def test_nan_on_one_rank_stops_every_rank(ranks):
         assert per_rank["nan"] is not None, f"rank {rank} did not raise"
         step, last_good, finite = per_rank["nan"]
         assert (step, last_good, finite) == (3, 0, True), rank
+
+
+def test_a_stop_raised_inside_one_ranks_network_stops_every_rank_on_the_same_weights(ranks):
+    """Rank 1 redoes the step the stop cut off (the others wait for it in the gradient all-reduce); every rank
+    stops at the next read-out (sync_every 2) with the weights one process trains in those 2 steps."""
+    world, results = ranks
+    _, single, params = build("full-acc1", PER_RANK * world, steps=2)
+    single.run()
+    for rank, per_rank in enumerate(results):
+        status, step, weights = per_rank["stop"]
+        assert (status, step) == ("interrupted", 2), rank
+        assert all(torch.equal(a, b) for a, b in zip(weights, results[0]["stop"][2])), rank
+        assert max(relative_difference(p, q.detach()) for p, q in zip(weights, params)) <= 1e-5, rank
 
 
 @pytest.mark.parametrize("case", ["lora-acc2", "full-acc2"])

@@ -79,13 +79,15 @@ class DistributedContext:
     def from_environment(cls, device=None, timeout: timedelta | None = None) -> "DistributedContext":
         """The context of this process: torch.distributed's default group if it is initialised; else, when
         ``torchrun``'s variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) say the world is
-        larger than one, the default group is initialised from them (``env://``; NCCL when CUDA is there,
-        else gloo); else :meth:`single`. ``device`` defaults to ``cuda:LOCAL_RANK`` under NCCL, else CPU.
+        larger than one, the default group is initialised from them (``env://``; NCCL for a CUDA ``device``, or
+        when ``device`` is None and CUDA is there; else gloo); else :meth:`single`. ``device`` defaults to
+        ``cuda:LOCAL_RANK`` under NCCL, else CPU.
         """
         if not (dist.is_available() and dist.is_initialized()):
             if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
                 return cls.single(device)
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+            backend = "nccl" if cuda else "gloo"
             if backend == "nccl":  # bind before the group exists, so NCCL's communicator uses this card
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, init_method="env://",
@@ -151,6 +153,14 @@ class DistributedContext:
         out = tensor.detach().clone()
         dist.all_reduce(out, group=self.group)
         return out.div_(self.world_size)
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself for world size 1."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0, device=self.device)
+        return box[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (one collective and a host sync)."""

@@ -256,10 +256,10 @@ class Trainer:
 
         With ``dist`` of world size > 1, every rank must call ``run`` with the same arguments; losses are the
         ranks' mean, ``result.samples`` counts the global batch, and the callbacks run on rank 0 only. A stop
-        needs every rank's agreement, which costs a collective: ``should_stop()`` (any rank's) and a stop
-        raised by rank 0's preview are honoured at the next read-out, within ``sync_every`` steps.
-        ``stop_exceptions`` raised inside the network on one rank only are not supported there (the other
-        ranks would wait in the gradient all-reduce until the process group's timeout).
+        needs every rank's agreement, which costs a collective: ``should_stop()`` (any rank's), a stop raised by
+        rank 0's preview and ``stop_exceptions`` raised inside the network on any rank are honoured at the next
+        read-out, within ``sync_every`` steps; the rank whose step a stop exception cut off redoes that step
+        (the other ranks wait for it in the gradient all-reduce), so every rank ends on the same weights.
         """
         c = self.config
         dist = self.dist
@@ -279,11 +279,16 @@ class Trainer:
                 on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
 
         step = start_step
+        stop_raised = False  # by the network during a step of this rank, not yet agreed on by the others
         while step < c.steps:
             try:
                 watch.add(self.step(step))
             except stop_exceptions:
                 self.optimizer.zero_grad(set_to_none=False)  # the partial step's gradients, never applied
+                if dist.distributed:
+                    # Its draws are seeded by the step: redone, it gives the gradients the others wait for.
+                    stop_raised = True
+                    continue
                 result.status = "interrupted"
                 break
             step += 1
@@ -292,7 +297,7 @@ class Trainer:
             due_preview = preview_every > 0 and step % preview_every == 0
             due_read = due_save or due_preview or step % max(1, c.sync_every) == 0 or step == c.steps
             # Ranks read out together (the loss mean is a collective), so a stop is agreed on only then.
-            stop = (not dist.distributed or due_read) and should_stop is not None and should_stop()
+            stop = (not dist.distributed or due_read) and (stop_raised or should_stop is not None and should_stop())
             if stop or due_read:
                 flush(step)
             if due_save and on_save and dist.is_main:
