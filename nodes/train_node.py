@@ -13,6 +13,7 @@ from comfy_api.latest import io
 from ..d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.training.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.training.data import LatentBuckets
+from ..d2f_core.training.distributed import DistributedContext
 from ..d2f_core.training.ema import EMA, split_ema, with_ema
 from ..d2f_core.training.compilation import CompiledNet
 from ..d2f_core.training.graphs import GraphedNet
@@ -86,7 +87,10 @@ class D2FTrain(io.ComfyNode):
                                tooltip="lora: small adapter (fits 12 GB). full: every weight, returned as weight "
                                        "differences (needs far more memory; use a ~10× lower learning rate)."),
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per micro-batch."),
+                io.Int.Input("batch_size", default=1, min=1, max=256,
+                             tooltip="Images per micro-batch of each process. Trained on several processes (d2f run "
+                                     "--nproc-per-node / torchrun), an optimizer step sees batch_size × processes × "
+                                     "grad_accumulation images."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches per optimizer step: a larger effective batch without more memory."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
@@ -211,7 +215,11 @@ class D2FTrain(io.ComfyNode):
 
 
 class TrainingRun:
-    """One training run on a private copy of the model (the loader's model is never touched)."""
+    """One training run on a private copy of the model (the loader's model is never touched).
+
+    In a world of several processes (``d2f run --nproc-per-node``, torchrun) every rank runs it with the same
+    inputs on its own device and trains its share of each batch; rank 0 alone reserves the run's number,
+    writes its files and reports to the UI (DESIGN §7)."""
 
     def __init__(self, model, sampling, buckets, empty, config: TrainConfig, opts: dict, node_id, run_name: str,
                  identity: dict):
@@ -221,7 +229,8 @@ class TrainingRun:
         self.dtype = DTYPES[opts["training_dtype"]]
         self.run_name, self.identity = run_name, identity
         self.reporter = TrainingReporter(node_id, config.steps)
-        self.files: RunFiles | None = None
+        self.dist = DistributedContext.from_environment(device=mm.get_torch_device())
+        self.files: RunFiles | None = None  # rank 0's
         self.resumed_from: str | None = None
         self.ema_options = opts.get("ema")  # D2FEMA's options, or None
         self.ema: EMA | None = None
@@ -231,7 +240,8 @@ class TrainingRun:
         """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``)."""
         meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
         ema = self.ema
-        described = describe_training(self.model, self.bridge, self.buckets, self.config, self.opts, self.files.name,
+        described = describe_training(self.model, self.bridge, self.buckets, self.config,
+                                      dict(self.opts, processes=self.dist.world_size), self.files.name,
                                       ema=self.ema_options.info() if ema else None)
 
         def write_state(path):  # the training weights (to resume from) and the EMA beside them
@@ -300,7 +310,7 @@ class TrainingRun:
 
     # --- the run ----------------------------------------------------------------------------------
     def execute(self, resume_path: str | None) -> io.NodeOutput:
-        self.files = RunFiles(self.run_name)  # before the model load: an unwritable output folder fails early
+        self._reserve_files()  # before the model load: an unwritable output folder fails early
         try:
             private = self._private_model()
             try:
@@ -309,7 +319,18 @@ class TrainingRun:
                 mm.unload_model_and_clones(private)
                 mm.soft_empty_cache()
         finally:
-            self.files.release()  # gives the number back if nothing was saved
+            if self.files is not None:
+                self.files.release()  # gives the number back if nothing was saved
+
+    def _reserve_files(self) -> None:
+        """Rank 0 reserves the run's number; the other ranks learn whether it could, so none trains alone."""
+        try:
+            if self.dist.is_main:
+                self.files = RunFiles(self.run_name)
+        finally:
+            name = self.dist.broadcast(self.files.name if self.files is not None else None)
+        if name is None:
+            raise RuntimeError("D2FTrain: rank 0 could not reserve this run's files (its error says why)")
 
     def _train(self, private, resume_path: str | None) -> io.NodeOutput:
         c = self.config
@@ -354,7 +375,8 @@ class TrainingRun:
             return read_out["weights"]
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
-                                         compute_dtype=self.dtype, snapshot=snapshot, restore=self.restore, ema=self.ema)
+                                         compute_dtype=self.dtype, snapshot=snapshot, restore=self.restore, ema=self.ema,
+                                         dist=self.dist)
         start = 0
         if resume_path:
             state = read_state(resume_path, trainer.optimizer, device=device)
@@ -367,16 +389,14 @@ class TrainingRun:
             self.resumed_from = resume_path
             logging.info(f"D2FTrain: resumed '{resume_path}' at step {start}")
 
-        status = "done"
-        step_done = start
-        losses: list[float] = []
         blocks = blocks_by_class_name(unet, CHECKPOINT_BLOCKS) if self.opts["gradient_checkpointing"] else []
-        self.reporter.started(start)
+        main = self.dist.is_main
+        if main:
+            self.reporter.started(start)
         read_out["step"] = start
 
         def progress(step, new_losses, rate):
             read_out["step"] = step  # the snapshot just taken holds this step's weights
-            losses.extend(new_losses)
             self.reporter.progress(step, new_losses, rate)
 
         try:
@@ -396,7 +416,7 @@ class TrainingRun:
             # weights): drop them, so that resuming from the saved state starts them afresh, not as NaN.
             trainer.optimizer.state.clear()
             good = exc.last_good_step  # with loss read-outs every N steps, older than exc.step - 1
-            path = self.save(good) if good > start else None
+            path = self.save(good) if good > start and main else None
             kept = f" The last good weights were saved to {path}." if path else ""
             raise RuntimeError(f"D2FTrain: {exc}{kept}") from None
         except torch.OutOfMemoryError:
@@ -410,11 +430,12 @@ class TrainingRun:
         if status == "interrupted":
             mm.interrupt_current_processing(False)  # the stop ends training only: downstream saves still run
             logging.info(f"D2FTrain: stopped at step {step_done}; keeping what was trained")
-        if step_done > start:  # every run that trained ends saved (once per step: a due save is not redone)
-            self.save(step_done)
-        self.reporter.finished(step_done, status)
+        if main:
+            if step_done > start:  # every run that trained ends saved (once per step: a due save is not redone)
+                self.save(step_done)
+            self.reporter.finished(step_done, status)
         with self.ema_weights():
-            return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": losses}, step_done)
+            return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": result.losses}, step_done)
 
     def restore(self, state: dict) -> None:
         """Put a snapshot back: the trained tensors, and the EMA when the run keeps one."""
@@ -428,7 +449,7 @@ class TrainingRun:
         live ones) and say where. The optimizer's moments may belong to later steps: dropped, as after a NaN,
         so a resumed run starts them afresh."""
         step = read_out["step"]
-        if step <= start or read_out["weights"] is None:
+        if step <= start or read_out["weights"] is None or not self.dist.is_main:
             return ""
         try:
             self.restore(read_out["weights"])
