@@ -12,6 +12,12 @@ requirements, ``d2f run`` re-executes itself under the host's Python (--python, 
 ``.venv/`` or ``venv/``), loading this copy of d2f_core / d2f_app / d2f_host there by file location (putting this
 venv's site-packages on that Python's path would mix two torch installs); without such a Python it
 stops with one line saying what to do.
+
+``--nproc-per-node N`` trains on N processes of this machine: torch.distributed's elastic launcher (what
+``torchrun --standalone`` runs) starts N ranks, each running this command line, and stops them all when one
+fails. Every rank boots the host in-process and executes the graph, rank 0 all of it, the others only what the
+pack's distributed nodes need (``runner.rank_outputs``). Several machines: ``torchrun --nnodes … --rdzv-endpoint …
+-m d2f_host run WORKFLOW.json`` on each.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
 # Set in the re-executed process: a second re-execution would loop.
 REEXEC_ENV = "D2F_RUN_REEXEC"
+# Set by torch's elastic agent (torchrun) in every process it starts: this process is a rank, not the launcher.
+WORKER_ENV = "TORCHELASTIC_RUN_ID"
 
 # Run by the host's Python: load d2f_core, d2f_app and d2f_host from their files (argv 1-3), then `d2f <argv 4…>`.
 _BOOTSTRAP = """
@@ -57,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-model-paths", metavar="YAML", action="append", default=[],
                    help="extra_model_paths.yaml-style file with more model folders (repeatable)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--nproc-per-node", metavar="N", type=int, default=1,
+                   help="run on N processes of this machine (one per GPU; on the CPU they talk through gloo), "
+                        "started by torch.distributed's elastic launcher: training nodes share each batch, rank 0 "
+                        "alone writes the outputs. D2FTrain's batch_size is per process. Inside a torchrun worker "
+                        "torchrun's world is used instead")
     p.add_argument("--no-custom-nodes", action="store_true",
                    help="load only ComfyUI's own nodes and this pack, not the other custom nodes installed")
     p.add_argument("--dry-run", action="store_true",
@@ -95,17 +109,45 @@ def ensure_host_python(args: argparse.Namespace, parser: argparse.ArgumentParser
     if missing:
         print(f"d2f run: this Python lacks ComfyUI's packages ({_names(missing)}); running under {python}",
               file=sys.stderr)
-    import d2f_app
-    import d2f_core
-
-    here = [os.path.dirname(os.path.abspath(m.__file__)) for m in (d2f_core, d2f_app, sys.modules[__package__])]
-    cmd = [python, "-c", _BOOTSTRAP, *here, *argv]
+    cmd = [python, "-c", _BOOTSTRAP, *_package_dirs(), *argv]
     env = {**os.environ, REEXEC_ENV: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     if os.name == "posix":
         os.execve(python, cmd, env)
     sys.exit(subprocess.call(cmd, env=env))
+
+
+def _package_dirs() -> list[str]:
+    """The folders of d2f_core, d2f_app and d2f_host, as ``_BOOTSTRAP`` takes them."""
+    import d2f_app
+    import d2f_core
+
+    return [os.path.dirname(os.path.abspath(m.__file__)) for m in (d2f_core, d2f_app, sys.modules[__package__])]
+
+
+def launch(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """``d2f run`` on ``--nproc-per-node`` local ranks through torch.distributed's elastic launcher, as
+    ``torchrun --standalone`` starts them; each rank runs this command line under this Python. When a rank fails
+    the launcher stops the others; the command then exits 1 naming the ranks that failed."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    config = torchrun.parse_args(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "--no-python",
+                                  sys.executable, "-c", _BOOTSTRAP, *_package_dirs(), *args.argv])
+    try:
+        torchrun.run(config)
+    except ChildFailedError as exc:
+        # The agent ends the ranks still running with SIGTERM and lists them too: those are not what failed.
+        stopped = sorted(r for r, f in exc.failures.items() if f.exitcode == -signal.SIGTERM)
+        failed = sorted(set(exc.failures) - set(stopped)) or stopped
+        ranks = ", ".join(f"rank {r} ({_how_it_ended(exc.failures[r])})" for r in failed)
+        parser.exit(1, f"d2f run: {ranks} failed; the launcher stopped the other ranks\n")
+    return 0
+
+
+def _how_it_ended(failure) -> str:
+    return f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
 
 
 def _shown(path: str) -> str:
@@ -124,11 +166,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .runner import TextProgress, format_validation_error, prepare, run_prompt
 
     ensure_host_python(args, parser, args.argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         data = wf.load(args.workflow)
     except (OSError, ValueError) as exc:
         parser.exit(2, f"d2f run: cannot read {args.workflow}: {exc}\n")
+    import torch.distributed as dist
+    from d2f_core.training.distributed import DistributedContext
+
+    launcher = args.nproc_per_node > 1 and not args.dry_run and WORKER_ENV not in os.environ
+    # A torchrun rank joins its group before the host boots: a CUDA rank binds its own card first (ComfyUI
+    # takes the current one), and a launch that cannot meet fails before minutes of loading.
+    rank = 0 if launcher else DistributedContext.from_environment(device="cpu" if args.cpu else None).rank
+    quiet = args.quiet or rank > 0  # rank 0 speaks for the run
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    if launcher:
+        return launch(args, parser)
     try:
         host = boot(args.comfyui, cpu=args.cpu or None, output_dir=args.output, input_dir=args.input,
                     extra_model_paths=args.extra_model_paths, custom_nodes=not args.no_custom_nodes)
@@ -151,15 +203,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.exit(1, "d2f run: the host rejects this prompt:\n" + format_validation_error(valid, prompt) + "\n")
         return 0
 
-    progress = None if args.quiet else TextProgress(prompt)
+    progress = None if quiet else TextProgress(prompt)
     try:
         result = run_prompt(prompt, host=host, progress=progress)
     except wf.WorkflowError as exc:
         parser.exit(1, f"d2f run: the host rejects this prompt:\n{exc}\n")
     if not result.success:
         err = result.error or {}
-        parser.exit(1, f"d2f run: failed in node {err.get('node_id')} ({err.get('node_type')}): "
+        where = f" on rank {rank}" if dist.is_initialized() else ""
+        parser.exit(1, f"d2f run: failed{where} in node {err.get('node_id')} ({err.get('node_type')}): "
                        f"{err.get('exception_type', '')}: {err.get('exception_message', 'interrupted')}\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank > 0:
+        return 0
     print(f"d2f run: done in {result.seconds:.1f} s")
     for path in result.files:
         print(f"  wrote {_shown(path)}")

@@ -1,7 +1,11 @@
 """Run a workflow headlessly through the host's own machinery: ``execution.validate_prompt`` (the
 checks the server runs on ``POST /prompt``) and ``execution.PromptExecutor`` (the worker that runs
 queued prompts), with ``comfy.utils.ProgressBar`` hooked as ``main.py`` hooks it. Outputs land where
-ComfyUI puts them (its output directory, or the one given)."""
+ComfyUI puts them (its output directory, or the one given).
+
+In a torch.distributed world of several processes (``d2f run --nproc-per-node``, torchrun) every rank runs
+the prompt: rank 0 all of it, the other ranks only what the pack's distributed nodes need (``rank_outputs``).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import workflow as wf
 from .host import Host, boot, object_info
+
+
+# The pack's nodes that share their work among the ranks of a multi-process run: every rank executes them, in
+# the same order, or their collectives do not meet.
+DISTRIBUTED_NODES = frozenset({"D2FTrain", "D2FReflowPairs"})
 
 
 @dataclass
@@ -128,6 +138,36 @@ class TextProgress:
         self._close_bar()
 
 
+def ancestors(prompt: dict, node_id: str) -> set[str]:
+    """The nodes of an API prompt whose outputs ``node_id`` reads, directly or through other nodes."""
+    seen, todo = set(), [node_id]
+    while todo:
+        for value in prompt[todo.pop()]["inputs"].values():
+            if isinstance(value, list) and len(value) == 2 and value[0] in prompt and value[0] not in seen:
+                seen.add(value[0])
+                todo.append(value[0])
+    return seen
+
+
+def rank_outputs(prompt: dict, outputs: list[str], rank: int) -> list[str]:
+    """The nodes rank ``rank`` of a multi-process run executes (with their ancestors), given the prompt's output
+    nodes: rank 0 the outputs, as a single process does; the other ranks the pack's distributed nodes that those
+    need, so that files are written and the UI is told once. Raises ``WorkflowError`` when two distributed nodes
+    do not depend on one another: the executor could then run them in different orders on different ranks."""
+    above = {o: ancestors(prompt, o) for o in outputs}
+    needed = set(outputs).union(*above.values())
+    shared = sorted(n for n in needed if prompt[n]["class_type"] in DISTRIBUTED_NODES)
+    above.update((n, ancestors(prompt, n)) for n in shared)
+    for i, a in enumerate(shared):
+        for b in shared[i + 1:]:
+            if a not in above[b] and b not in above[a]:
+                raise wf.WorkflowError(
+                    f"nodes {a} ({prompt[a]['class_type']}) and {b} ({prompt[b]['class_type']}) do not depend on one "
+                    "another, so the ranks of a multi-process run could execute them in different orders: chain them "
+                    "or run them in separate workflows")
+    return list(outputs) if rank == 0 else shared
+
+
 def _snapshot(folder: str) -> dict:
     out = {}
     for root, _, files in os.walk(folder):
@@ -162,8 +202,9 @@ def _progress_hook(server):
 
 
 def run_prompt(prompt: dict, host: Host | None = None, progress=None, client_id: str = "d2f-run") -> RunResult:
-    """Validate and execute an API-format prompt. Raises ``WorkflowError`` when the host's validation
-    rejects it; an execution error is returned (``success`` False, ``error`` set)."""
+    """Validate and execute an API-format prompt (in a world of several processes, this rank's part of it:
+    ``rank_outputs``). Raises ``WorkflowError`` when the host's validation rejects it; an execution error is
+    returned (``success`` False, ``error`` set)."""
     import comfy.utils
     import execution
     import folder_paths
@@ -174,6 +215,9 @@ def run_prompt(prompt: dict, host: Host | None = None, progress=None, client_id:
     valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
         raise wf.WorkflowError(format_validation_error(valid, prompt))
+    outputs = valid[2]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        outputs = rank_outputs(prompt, outputs, dist.get_rank())
 
     messages = []
 
@@ -193,7 +237,7 @@ def run_prompt(prompt: dict, host: Host | None = None, progress=None, client_id:
     executor = host.executor()
     t0 = time.perf_counter()
     try:
-        executor.execute(prompt, prompt_id, {"client_id": client_id}, valid[2])
+        executor.execute(prompt, prompt_id, {"client_id": client_id}, outputs)
     finally:
         comfy.utils.set_progress_bar_global_hook(old_hook)
         if hasattr(server, "listener"):
