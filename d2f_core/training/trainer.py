@@ -259,7 +259,9 @@ class Trainer:
         needs every rank's agreement, which costs a collective: ``should_stop()`` (any rank's), a stop raised by
         rank 0's preview and ``stop_exceptions`` raised inside the network on any rank are honoured at the next
         read-out, within ``sync_every`` steps; the rank whose step a stop exception cut off redoes that step
-        (the other ranks wait for it in the gradient all-reduce), so every rank ends on the same weights.
+        (the other ranks wait for it in the gradient all-reduce), so every rank ends on the same weights. Not
+        covered: a stop raised in the backward (gradient checkpointing's recomputation), after DDP may have
+        reduced part of the gradients; that rank's redo would not meet the others' reductions.
         """
         c = self.config
         dist = self.dist
