@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from d2f_core.storage.state import read_state_meta
@@ -140,6 +141,9 @@ def test_two_ranks_train_the_lora_one_process_trains_with_twice_the_batch(host, 
                               "d2f/trained_preview_00001_.png"]), written
     # each output node ran once (the loss graph is a preview: shown, not saved in output/)
     assert proc.stderr.count("Plot Loss Graph (#8)") == 1 and proc.stderr.count("Save LoRA Weights (#7)") == 1, proc.stderr
+    with safe_open(str(out / "loras" / f"{RUN_NAME}_00001_000004_steps.safetensors"), "pt") as f:
+        settings = json.loads(f.metadata()["diff2flow.settings"])
+    assert (settings["batch_size"], settings["processes"]) == (PER_RANK, 2), settings  # the file says its global batch
     for step in (2, 4):
         lora = load_file(str(out / "loras" / f"{RUN_NAME}_00001_{step:06d}_steps.safetensors"))
         worst = relative_difference(lora, reference[step])
