@@ -354,9 +354,17 @@ class TrainingRun:
                 return adapters(x, t, context=context, y=y, control=None, transformer_options={})
         self.net = net
         train_net = net
-        if self.opts.get("compile", False):
+        compile_, graphs = self.opts.get("compile", False), device.type == "cuda" and self.opts.get("cuda_graphs", True)
+        if self.dist.backend is not None and (compile_ or graphs):
+            # Under DDP the gradient hooks fire inside the backward: neither a captured graph's replay nor a compiled
+            # backward has been checked to leave DDP's bucket order and averaging intact (bench/check_graphs.py covers
+            # one process only), so both are off rather than possibly wrong.
+            logging.info("D2FTrain: CUDA graphs and torch.compile are off for a run on several processes (DDP); "
+                         "the step runs eagerly.")
+            compile_ = graphs = False
+        if compile_:
             train_net = CompiledNet(net, adapters.parameters(), passthrough=(mm.InterruptProcessingException,))
-        if device.type == "cuda" and self.opts.get("cuda_graphs", True):
+        if graphs:
             train_net = GraphedNet(train_net, adapters.parameters())
 
         if self.ema_options is not None:

@@ -555,6 +555,26 @@ def test_compiled_training_follows_eager_training(host, pack, sd15_model, monkey
     assert rel(compiled.losses, eager.losses) <= 1e-4
 
 
+def test_compile_is_off_under_ddp_with_one_logged_line(host, pack, sd15_model, monkeypatch, caplog, tmp_path):
+    """In a process group (here one gloo rank, so the step goes through DDP), compile=True is refused with one
+    logged line and the run trains eagerly: the weights equal an eager run's exactly."""
+    import torch.distributed as dist
+    made = []
+    monkeypatch.setattr(pack.train_node, "CompiledNet", lambda *a, **k: made.append(1) or a[0])
+    latents, positive = dataset(3, seed=8)
+    common = dict(steps=2, batch_size=2, learning_rate=0.05, optimizer="sgd", run_name="ddp_compile")
+    eager = train(host, sd15_model, latents, positive, compile=False, **common)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with caplog.at_level(logging.INFO):
+            ddp = train(host, sd15_model, latents, positive, compile=True, **common)
+    finally:
+        dist.destroy_process_group()
+    lines = [r for r in caplog.records if "CUDA graphs and torch.compile are off" in r.getMessage()]
+    assert not made and len(lines) == 1
+    assert max_tensor_diff(ddp.lora, eager.lora) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. the UI's stop button
 # ---------------------------------------------------------------------------------------------
