@@ -16,14 +16,20 @@ blocks (D2FTrain's default targets), the same synthetic latents and prompts, and
 The measured window is ``--steps`` optimizer steps after ``--warmup`` steps, between device syncs (the
 Trainer's own timing). Global samples/s = N · batch · steps / s; scaling efficiency = samples/s(N) /
 (N · samples/s(ddp-1)). Peak memory per rank is torch's max allocated over the whole run, weights included.
-``plain`` and ``ddp-1`` run ``--repeats`` times, interleaved, in one process each call. This is a benchmark:
-it prints and writes numbers; it asserts nothing.
+``plain`` and ``ddp-1`` run ``--repeats`` times, interleaved, in one process each call.
+
+``--pairs P``: D2FReflowPairs' engine too, at every world size: P pairs (``--pair-steps`` flow-Euler steps, CFG
+``--cfg``, ``--batch`` pairs per chunk) made by ``couplings.generate`` with the pairs dealt over the ranks,
+timed from the first chunk to the last rank's last chunk on disk; pairs/s and efficiency vs one rank; the
+folders' SHA-256 over every chunk's tensors must agree across world sizes (printed, and recorded as
+``same_couplings``). This is a benchmark: it prints and writes numbers; it asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -101,6 +107,52 @@ def make_trainer(arch: str, device, dtype, batch: int, steps: int, ctx, checkpoi
     return trainer, adapters, checkpointed(blocks)
 
 
+def make_pairs(arch: str, device, dtype, args, ctx, folder: str) -> float:
+    """Seconds for ``args.pairs`` Reflow pairs into ``folder`` on this rank of ``ctx`` (every rank returns once all
+    chunks are written)."""
+    from d2f_core.flow.bridge import FlowBridge
+    from d2f_core.flow.samplers import flow_sigmas
+    from d2f_core.flow.schedule import DiscreteSchedule
+    from d2f_core.training.couplings import CouplingsWriter, generate, solve_flow_ode
+    _, side, tokens, width = ARCHS[arch]
+    unet = build_unet(arch, device, dtype)
+    bridge = FlowBridge(DiscreteSchedule.stable_diffusion())
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = (torch.randn(1, tokens, width, generator=g).to(device, dtype) for _ in range(2))
+    y = (torch.randn(1, unet.label_emb[0][0].in_features, generator=g).to(device, dtype)
+         if unet.num_classes is not None else None)
+    sigmas = flow_sigmas(args.pair_steps, bridge.sigma_max).to(device)
+
+    @torch.no_grad()
+    def sample(noise, prompt_index, start):
+        n = noise.shape[0]
+
+        def denoise(x, sigma):  # CFG on both halves of one batch, as the host's sampler does
+            x_in = bridge.model_input(sigma, x).to(dtype).repeat(2, 1, 1, 1)
+            label = bridge.label(sigma).float().repeat(2)
+            ctx_ = torch.cat([cond.expand(n, -1, -1), uncond.expand(n, -1, -1)])
+            out = unet(x_in, label, context=ctx_, y=None if y is None else y.expand(2 * n, -1)).float()
+            c, u = out.chunk(2)
+            return bridge.denoised(sigma, u + args.cfg * (c - u), x)
+        return solve_flow_ode(denoise, bridge, noise.to(device), sigmas).cpu()
+
+    writer = CouplingsWriter.open(folder, {"bench": arch}, {"context": cond.float().cpu()}, ctx)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    generate(writer, args.pairs, args.batch, sample, seed=0, shape=(4, side, side), dist=ctx)
+    return time.perf_counter() - t0
+
+
+def folder_digest(folder: str) -> str:
+    from d2f_core.training.couplings import load_couplings
+    c = load_couplings(folder)
+    h = hashlib.sha256()
+    for t in (c.noise, c.x0, c.prompt_index):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def timed_window(trainer, warmup: int, steps: int, scope) -> float:
     """Seconds of ``steps`` optimizer steps after ``warmup`` (Trainer.run syncs the device at its end)."""
     with scope:
@@ -143,6 +195,11 @@ def worker(rank: int, world: int, args, store: str, out: str):
             rows.setdefault(kind, []).append({"seconds": seconds, "peak_bytes": peak})
             adapters.detach()
             del trainer, adapters
+        if args.pairs:
+            folder = os.path.join(out, f"pairs-{max(1, world)}")
+            seconds = make_pairs(args.arch, device, dtype, args, group_ctx, folder)
+            rows[f"pairs-{max(1, world)}"] = [{"seconds": seconds, "peak_bytes": None,
+                                               "digest": folder_digest(folder) if rank == 0 else None}]
         torch.save(rows, os.path.join(out, f"{world}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -164,9 +221,19 @@ def run_world(world: int, args, tmp: str) -> dict:
 def summarize(rows: dict, args) -> list[dict]:
     out = []
     base = None
+    pairs_base = None
+    digests = set()
     for kind, runs in rows.items():
         world = 1 if kind in ("plain", "ddp-1") else int(kind.split("-")[1])
         best = min(r["seconds"] for r in runs)
+        if kind.startswith("pairs"):
+            pps = args.pairs / best
+            pairs_base = pps if world == 1 else pairs_base
+            digests.add(runs[0]["digest"])
+            out.append({"row": kind, "world": world, "pairs_per_s": pps, "seconds": [best],
+                        "efficiency": pps / (world * pairs_base) if pairs_base else None,
+                        "digest": runs[0]["digest"]})
+            continue
         sps = world * args.batch * args.steps / best
         peaks = [p for r in runs for p in r["peak_bytes_per_rank"] if p is not None]
         row = {"row": kind, "world": world, "samples_per_s": sps, "seconds": [r["seconds"] for r in runs],
@@ -180,6 +247,10 @@ def summarize(rows: dict, args) -> list[dict]:
             row["efficiency"] = row["samples_per_s"] / (row["world"] * base)
         if row["row"] == "ddp-1" and plain:
             row["overhead_vs_plain"] = 1 - row["samples_per_s"] / plain
+    if digests:
+        for row in out:
+            if row["row"].startswith("pairs"):
+                row["same_couplings"] = len(digests) == 1
     return out
 
 
@@ -190,11 +261,21 @@ def markdown(table: list[dict], info: dict) -> str:
              f"Window: {info['steps']} steps after {info['warmup']} warm-up; best of {info['repeats']} for plain / ddp-1.",
              "", "| row | ranks | samples/s (global) | efficiency vs ddp-1 | overhead vs plain | peak GiB per rank |",
              "|---|---|---|---|---|---|"]
+    pairs = [r for r in table if r["row"].startswith("pairs")]
+    table = [r for r in table if not r["row"].startswith("pairs")]
     for r in table:
         eff = f"{r['efficiency']:.1%}" if "efficiency" in r else ""
         over = f"{r['overhead_vs_plain']:+.1%}" if "overhead_vs_plain" in r else ""
         peak = f"{r['peak_gib_per_rank']:.2f}" if r["peak_gib_per_rank"] is not None else "n/a (CPU)"
         lines.append(f"| {r['row']} | {r['world']} | {r['samples_per_s']:.2f} | {eff} | {over} | {peak} |")
+    if pairs:
+        lines += ["", f"Reflow pairs: {info['pairs']} pairs, {info['pair_steps']} flow-Euler steps, cfg {info['cfg']}, "
+                  f"{info['batch']} pairs per chunk.", "",
+                  "| ranks | pairs/s | efficiency vs 1 rank | same couplings as every other world size |", "|---|---|---|---|"]
+        for r in pairs:
+            eff = f"{r['efficiency']:.1%}" if r.get("efficiency") else ""
+            lines.append(f"| {r['world']} | {r['pairs_per_s']:.2f} | {eff} | {'yes' if r.get('same_couplings') else 'NO'} "
+                         f"(sha256 {r['digest'][:12]}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +288,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pairs", type=int, default=0, help="Reflow pairs per world size (0: no pair rows)")
+    p.add_argument("--pair-steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--worlds", default="", help="rank counts of the ddp-N rows (default: 2..every GPU)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -224,7 +308,8 @@ def main(argv=None):
             print(f"world {world or '1 (plain, ddp-1)'}: {time.perf_counter() - t0:.0f} s", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     info = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "checkpointing": args.checkpointing, "torch": torch.__version__, "commit": commit or "unknown",
+            "checkpointing": args.checkpointing, "pairs": args.pairs,
+            "pair_steps": args.pair_steps, "cfg": args.cfg, "torch": torch.__version__, "commit": commit or "unknown",
             "date": datetime.date.today().isoformat(),
             "device": (f"{gpus} × {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)")}
     table = summarize(rows, args)
