@@ -235,3 +235,18 @@ def test_the_stop_button_stops_every_process_and_the_run_ends_saved(server, defs
     run = os.path.basename(files[0]).rsplit("_", 2)[0]
     step, _ = read_state_meta(os.path.join(server.output_dir, "d2f_states", run, "state.safetensors"))
     assert step == last, (step, files)
+
+
+def test_gpus_values_and_refusals_before_any_work(host, sd15_model):
+    """In the session's host (CPU): counts and "all" (one process without GPUs), and what gpus > 1 refuses."""
+    # the pack as the host imported it (under a module name of the host's choosing)
+    local_workers = next(m for n, m in sys.modules.items() if n.endswith(".nodes.local_workers"))
+    assert local_workers.world_size_for("D2FTrain", "1", sd15_model) == 1
+    assert local_workers.world_size_for("D2FTrain", "all", sd15_model) == 1  # no GPU: the plain path
+    assert local_workers.world_size_for("D2FTrain", "2", sd15_model) == 2
+    with pytest.raises(ValueError, match="gpus must be a count"):
+        local_workers.world_size_for("D2FTrain", "two", sd15_model)
+    custom = sd15_model.clone()
+    custom.cached_patcher_init = None  # as from a custom loader that does not say how to reload its model
+    with pytest.raises(ValueError, match="load it with a core loader, or set gpus to 1"):
+        local_workers.world_size_for("D2FTrain", "2", custom)
