@@ -90,9 +90,9 @@ class D2FTrain(io.ComfyNode):
                                        "differences (needs far more memory; use a ~10× lower learning rate)."),
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
                 io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Images per micro-batch of each process. Trained on several processes (d2f run "
-                                     "--nproc-per-node / torchrun), an optimizer step sees batch_size × processes × "
-                                     "grad_accumulation images."),
+                             tooltip="Images per micro-batch of each process. Trained on several processes (gpus, d2f "
+                                     "run --nproc-per-node / torchrun), an optimizer step sees batch_size × processes "
+                                     "× grad_accumulation images."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches per optimizer step: a larger effective batch without more memory."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
