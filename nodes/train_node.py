@@ -30,6 +30,8 @@ from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, No
 from .reflow_nodes import CouplingsIO
 from .ema_node import EMAOptionsIO
 from .file_metadata import describe_training
+from .local_workers import (GPUS_TOOLTIP, gpu_choices, local_world, train_inputs_for_workers, train_worker,
+                            world_size_for)
 from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
@@ -88,9 +90,9 @@ class D2FTrain(io.ComfyNode):
                                        "differences (needs far more memory; use a ~10× lower learning rate)."),
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
                 io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Images per micro-batch of each process. Trained on several processes (d2f run "
-                                     "--nproc-per-node / torchrun), an optimizer step sees batch_size × processes × "
-                                     "grad_accumulation images."),
+                             tooltip="Images per micro-batch of each process. Trained on several processes (gpus, d2f "
+                                     "run --nproc-per-node / torchrun), an optimizer step sees batch_size × processes "
+                                     "× grad_accumulation images."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches per optimizer step: a larger effective batch without more memory."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
@@ -155,6 +157,8 @@ class D2FTrain(io.ComfyNode):
                                          "gradient_checkpointing off (no gain with it on), after a one-time "
                                          "compilation of about 2 minutes per resolution: worth it for runs of several "
                                          "hundred steps. Falls back to normal execution if compilation fails."),
+                io.Combo.Input("gpus", options=gpu_choices(), default="1", advanced=True, optional=True,
+                               tooltip=GPUS_TOOLTIP),
                 io.Conditioning.Input("empty_conditioning", optional=True,
                                       tooltip="The empty prompt's conditioning, for caption dropout and CFG previews."),
                 CouplingsIO.Input("couplings", optional=True,
@@ -181,6 +185,7 @@ class D2FTrain(io.ComfyNode):
         resume_from = (_first(resume_from) or "").strip()
         # Names and files first: nothing below may start on a name that writes elsewhere or a state that won't fit.
         run_name = plain_name(opts["run_name"], "run_name")
+        world_size = world_size_for("D2FTrain", opts.get("gpus"), model)  # refuses gpus > 1 it cannot start
         identity = run_identity(model, opts)
         resume_path = None
         if resume_from:
@@ -209,8 +214,12 @@ class D2FTrain(io.ComfyNode):
         if config.caption_dropout > 0 and empty is None:
             raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
 
-        with torch.inference_mode(False):
-            run = TrainingRun(model, sampling, buckets, empty, config, opts, cls.hidden.unique_id, run_name, identity)
+        inputs = dict(sampling=sampling, buckets=buckets, empty=empty, config=config, opts=opts,
+                      node_id=cls.hidden.unique_id, run_name=run_name, identity=identity)
+        with torch.inference_mode(False), local_world("D2FTrain", world_size, model, train_worker,
+                                                      **train_inputs_for_workers(inputs, resume_path)) as world:
+            run = TrainingRun(model, **inputs)
+            world.kept = lambda: run.files.kept() if run.files is not None else ""
             return run.execute(resume_path)
 
 
