@@ -121,7 +121,8 @@ class D2FTrain(io.ComfyNode):
                                tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
                 io.Boolean.Input("cuda_graphs", default=True, advanced=True,
                                  tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
-                                         "batch. Falls back to normal execution by itself if capture fails."),
+                                         "batch. Used with gradient_checkpointing off only (with it on the step runs "
+                                         "normally). Falls back to normal execution by itself if capture fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
                 io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
@@ -221,6 +222,27 @@ class D2FTrain(io.ComfyNode):
             run = TrainingRun(model, **inputs)
             world.kept = lambda: run.files.kept() if run.files is not None else ""
             return run.execute(resume_path)
+
+
+def fast_paths(device_type: str, opts: dict, ddp: bool) -> tuple[bool, bool, str | None]:
+    """(compile, CUDA graphs, why a fast path that was asked for is off) for a run on ``device_type``.
+
+    * Gradient checkpointing turns graphs off: a checkpointed block recomputed inside the backward's capture met
+      RNG-state tensors (flash attention's philox seed/offset) recorded differently in the forward, and the run
+      failed with a CheckpointError (H100 and H200, ``bench/results/graphs_check_h200_sgd.md``).
+    * Under DDP both are off: its gradient hooks fire inside the backward, and neither a graph replay nor a
+      compiled backward has been checked to keep its bucket order and averaging intact.
+    Off rather than possibly wrong.
+    """
+    compile_ = bool(opts.get("compile", False))
+    graphs = device_type == "cuda" and bool(opts.get("cuda_graphs", True))
+    if ddp and (compile_ or graphs):
+        return False, False, ("CUDA graphs and torch.compile are off for a run on several processes (DDP); the step "
+                              "runs eagerly.")
+    if graphs and opts.get("gradient_checkpointing"):
+        return compile_, False, ("CUDA graphs are off with gradient checkpointing on (its recomputation inside a graph "
+                                 "capture fails); the step runs eagerly. Turn checkpointing off to replay graphs.")
+    return compile_, graphs, None
 
 
 class TrainingRun:
@@ -363,14 +385,9 @@ class TrainingRun:
                 return adapters(x, t, context=context, y=y, control=None, transformer_options={})
         self.net = net
         train_net = net
-        compile_, graphs = self.opts.get("compile", False), device.type == "cuda" and self.opts.get("cuda_graphs", True)
-        if self.dist.backend is not None and (compile_ or graphs):
-            # Under DDP the gradient hooks fire inside the backward: neither a captured graph's replay nor a compiled
-            # backward has been checked to leave DDP's bucket order and averaging intact (bench/check_graphs.py covers
-            # one process only), so both are off rather than possibly wrong.
-            logging.info("D2FTrain: CUDA graphs and torch.compile are off for a run on several processes (DDP); "
-                         "the step runs eagerly.")
-            compile_ = graphs = False
+        compile_, graphs, why_eager = fast_paths(device.type, self.opts, ddp=self.dist.backend is not None)
+        if why_eager:
+            logging.info(f"D2FTrain: {why_eager}")
         if compile_:
             train_net = CompiledNet(net, adapters.parameters(), passthrough=(mm.InterruptProcessingException,))
         if graphs:

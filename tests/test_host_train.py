@@ -555,6 +555,18 @@ def test_compiled_training_follows_eager_training(host, pack, sd15_model, monkey
     assert rel(compiled.losses, eager.losses) <= 1e-4
 
 
+@pytest.mark.parametrize("device, opts, ddp, expected", [
+    ("cuda", dict(cuda_graphs=True, gradient_checkpointing=False), False, (False, True, False)),
+    ("cuda", dict(cuda_graphs=True, gradient_checkpointing=True), False, (False, False, True)),  # CheckpointError
+    ("cuda", dict(cuda_graphs=True, compile=True, gradient_checkpointing=True), False, (True, False, True)),
+    ("cuda", dict(cuda_graphs=True, compile=True), True, (False, False, True)),                 # DDP
+    ("cpu", dict(cuda_graphs=True, gradient_checkpointing=True), False, (False, False, False)),  # nothing asked
+])
+def test_fast_paths_are_off_where_they_were_found_wrong(pack, device, opts, ddp, expected):
+    compile_, graphs, why = pack.train_node.fast_paths(device, opts, ddp)
+    assert (compile_, graphs, why is not None) == expected
+
+
 def test_compile_is_off_under_ddp_with_one_logged_line(host, pack, sd15_model, monkeypatch, caplog, tmp_path):
     """In a process group (here one gloo rank, so the step goes through DDP), compile=True is refused with one
     logged line and the run trains eagerly: the weights equal an eager run's exactly."""
