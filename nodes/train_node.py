@@ -121,8 +121,9 @@ class D2FTrain(io.ComfyNode):
                                tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
                 io.Boolean.Input("cuda_graphs", default=True, advanced=True,
                                  tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
-                                         "batch. Used with gradient_checkpointing off only (with it on the step runs "
-                                         "normally). Falls back to normal execution by itself if capture fails."),
+                                         "batch. Used for LoRA with gradient_checkpointing and compile off, where graphed "
+                                         "training was checked against normal training; elsewhere the step runs "
+                                         "normally. Falls back by itself if capture fails."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
                 io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
@@ -227,23 +228,30 @@ class D2FTrain(io.ComfyNode):
 def fast_paths(device_type: str, opts: dict, ddp: bool) -> tuple[bool, bool, str | None]:
     """(compile, CUDA graphs, why a fast path that was asked for is off) for a run on ``device_type``.
 
-    * Gradient checkpointing turns graphs off: a checkpointed block recomputed inside the backward's capture met
-      RNG-state tensors (flash attention's philox seed/offset) recorded differently in the forward, and the run
-      failed with a CheckpointError (H100 and H200, ``bench/results/graphs_check_h200_sgd.md``).
-    * Under DDP both are off: its gradient hooks fire inside the backward, and neither a graph replay nor a
-      compiled backward has been checked to keep its bucket order and averaging intact.
-    Off rather than possibly wrong.
+    Graphs replay only where ``bench/check_graphs.py`` showed graphed training within eager training's own
+    run-to-run spread: LoRA, checkpointing off, not compiled, one process (``bench/results/graphs_check_h200_sgd.md``).
+    Elsewhere the step runs eagerly, rather than possibly wrong:
+
+    * checkpointing on: a checkpointed block recomputed inside the backward's capture met RNG-state tensors
+      (flash attention's philox seed/offset) recorded differently in the forward: a CheckpointError (H100, H200);
+    * full mode (checkpointing off) and compile: not yet checked at the weight level;
+    * DDP (compile too): its gradient hooks fire inside the backward; neither a graph replay nor a compiled
+      backward has been checked to keep its bucket order and averaging intact.
     """
     compile_ = bool(opts.get("compile", False))
     graphs = device_type == "cuda" and bool(opts.get("cuda_graphs", True))
     if ddp and (compile_ or graphs):
         return False, False, ("CUDA graphs and torch.compile are off for a run on several processes (DDP); the step "
                               "runs eagerly.")
-    if graphs and opts.get("gradient_checkpointing"):
-        return compile_, False, ("CUDA graphs are off with gradient checkpointing on (its recomputation inside a graph "
-                                 "capture fails); the step runs eagerly. Turn checkpointing off to replay graphs.")
-    return compile_, graphs, None
-
+    if not graphs:
+        return compile_, False, None
+    unchecked = [why for why, on in (("gradient checkpointing on (its recomputation inside a capture fails)",
+                                      bool(opts.get("gradient_checkpointing"))),
+                                     ("mode full (not yet checked against eager training)", opts.get("mode") == "full"),
+                                     ("compile on (not yet checked against eager training)", compile_)) if on]
+    if unchecked:
+        return compile_, False, f"CUDA graphs are off with {'; '.join(unchecked)}: the step runs without them."
+    return compile_, True, None
 
 class TrainingRun:
     """One training run on a private copy of the model (the loader's model is never touched).

@@ -556,11 +556,13 @@ def test_compiled_training_follows_eager_training(host, pack, sd15_model, monkey
 
 
 @pytest.mark.parametrize("device, opts, ddp, expected", [
-    ("cuda", dict(cuda_graphs=True, gradient_checkpointing=False), False, (False, True, False)),
-    ("cuda", dict(cuda_graphs=True, gradient_checkpointing=True), False, (False, False, True)),  # CheckpointError
-    ("cuda", dict(cuda_graphs=True, compile=True, gradient_checkpointing=True), False, (True, False, True)),
-    ("cuda", dict(cuda_graphs=True, compile=True), True, (False, False, True)),                 # DDP
-    ("cpu", dict(cuda_graphs=True, gradient_checkpointing=True), False, (False, False, False)),  # nothing asked
+    ("cuda", dict(mode="lora", cuda_graphs=True), False, (False, True, False)),                      # checked
+    ("cuda", dict(mode="lora", cuda_graphs=True, gradient_checkpointing=True), False, (False, False, True)),
+    ("cuda", dict(mode="full", cuda_graphs=True), False, (False, False, True)),
+    ("cuda", dict(mode="lora", cuda_graphs=True, compile=True), False, (True, False, True)),
+    ("cuda", dict(mode="lora", cuda_graphs=True, compile=True), True, (False, False, True)),         # DDP
+    ("cuda", dict(mode="lora", cuda_graphs=False, compile=True), False, (True, False, False)),
+    ("cpu", dict(mode="full", cuda_graphs=True, gradient_checkpointing=True), False, (False, False, False)),
 ])
 def test_fast_paths_are_off_where_they_were_found_wrong(pack, device, opts, ddp, expected):
     compile_, graphs, why = pack.train_node.fast_paths(device, opts, ddp)
