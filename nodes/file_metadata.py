@@ -6,7 +6,6 @@ schedule settings, the latent format's pixel scale) and the run's settings, once
 
 from __future__ import annotations
 
-import hashlib
 
 from ..d2f_core import __version__ as PACK_VERSION
 from ..d2f_core.flow.bridge import FlowBridge
@@ -22,14 +21,15 @@ LORA_ONLY = ("rank", "alpha", "lora_targets")
 
 def schedule_description(model, bridge: FlowBridge) -> dict:
     """The base schedule as plain JSON: the host's β settings, and the table the bridge really uses (its size,
-    zsnr, flow σ range and a sha256 of its float64 bytes, which identifies a custom table exactly)."""
+    zsnr, flow σ range and a sha256 of its bytes in the dtype it is kept in, which identifies a custom table
+    exactly; made with the table itself: any tensor op on the table here would make float64 outside the
+    schedule, which the pack never does, ``tests/float64_guard.py``)."""
     config = getattr(getattr(model, "model", None), "model_config", None)
     settings = dict(getattr(config, "sampling_settings", None) or {})
-    sigmas = bridge.schedule.sigmas.double().contiguous()
     out = {k: settings[k] for k in ("beta_schedule", "linear_start", "linear_end") if k in settings}
     out.update(timesteps=len(bridge.schedule), zsnr=bool(bridge.schedule.zsnr),
                flow_sigma_min=float(bridge.sigma_min), flow_sigma_max=float(bridge.sigma_max),
-               table_sha256=hashlib.sha256(sigmas.numpy().tobytes()).hexdigest())
+               table_sha256=bridge.schedule.table_sha256)
     return out
 
 

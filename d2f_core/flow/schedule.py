@@ -12,6 +12,7 @@ fractional label the network's sinusoidal time embedding expects, not the neares
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -158,6 +159,8 @@ class DiscreteSchedule:
         self.log_sigmas = sigmas.log()
         self.zsnr = bool(zsnr)
         self._log_list = self.log_sigmas.tolist()  # host-side scalar math (``sigma_scalar``) makes no tensor
+        # Identifies the exact table (files record it): hashed here, where the float64 table is made, once.
+        self.table_sha256 = hashlib.sha256(sigmas.numpy().tobytes()).hexdigest()
         self._range = (float(sigmas[0]), float(sigmas[-1]))
         self._cpu = _build_tables(sigmas, self.log_sigmas)
         self._on_device: dict = {}
