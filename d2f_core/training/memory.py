@@ -434,7 +434,7 @@ def _largest(valid: Callable[[int], bool], below: int) -> int | None:
 
 
 def refusal_message(result: Preflight, s: RunSettings, est: Callable[..., MemoryEstimate], available: int) -> str:
-    """Why the run cannot fit, and which lower settings would, each alone (with checkpointing on)."""
+    """Why the run cannot fit, and which lower settings would, each alone (with the run's checkpointing)."""
     ckpt = result.checkpointing
     lines = [f"D2FTrain would need about {result.estimate.describe()} of GPU memory with gradient checkpointing "
              f"{'on' if ckpt else 'off'}, but about {available / GiB:.1f} GiB are available on this device: "
@@ -443,8 +443,8 @@ def refusal_message(result: Preflight, s: RunSettings, est: Callable[..., Memory
     if not ckpt and result.with_.total <= available:
         ways.append(f"gradient_checkpointing auto or on (about {result.with_.total / GiB:.1f} GiB)")
 
-    def ok(**changes) -> bool:
-        return est(checkpointing=True, **changes).total <= available
+    def ok(**changes) -> bool:  # with the checkpointing the run would use
+        return est(checkpointing=ckpt, **changes).total <= available
     if s.batch_size > 1:
         b = _largest(lambda n: ok(batch_size=n), s.batch_size)
         if b:
