@@ -91,7 +91,8 @@ def plan(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...]
         mode=opts["mode"], rank=int(opts.get("rank", 16)), batch_size=int(opts["batch_size"]), shapes=tuple(shapes),
         weight_bytes=weight_bytes, lora_targets=opts.get("lora_targets", "attention"),
         optimizer=opts.get("optimizer", "adamw"), ema_bytes=ema_bytes,
-        cuda_graphs=bool(opts.get("cuda_graphs", True)) and device.type == "cuda", world_size=world,
+        # as TrainingRun decides: CUDA graphs on a CUDA device, never under DDP
+        cuda_graphs=bool(opts.get("cuda_graphs", True)) and device.type == "cuda" and world == 1, world_size=world,
         data_bytes=data, context_tokens=_context_tokens(buckets))
     config = getattr(model.model, "model_config", None)
     names = [c.__name__ for c in type(config).__mro__] if config is not None else []
