@@ -126,14 +126,16 @@ def meta_facts(arch: str, targets: str, tiny: bool = False):
     return mem.network_facts(unet, blocks, adapters.attention_only if targets == "attention" else None)
 
 
-def settings_for(mem, arch, mode, targets, batch, ckpt, graphs=True, extra=0, tiny=False, bytes_=2):
+def settings_for(mem, arch, mode, targets, batch, ckpt, graphs=True, extra=0, tiny=False, bytes_=2,
+                 graphs_with_checkpointing=True):
     side = 8 if tiny else SIDE[arch]
     ctx = 768 if arch == "sd15" else 2048
     cond = 77 * ctx + (0 if arch == "sd15" else 2816)
     shapes = ((side, side),) + (((extra, extra),) if extra else ())
     data = len(shapes) * N_IMAGES * (4 * side * side * 4 + cond * bytes_)
     return mem.RunSettings(mode=mode, rank=16, batch_size=batch, shapes=shapes, checkpointing=ckpt,
-                           weight_bytes=bytes_, lora_targets=targets, cuda_graphs=graphs, data_bytes=data)
+                           weight_bytes=bytes_, lora_targets=targets, cuda_graphs=graphs, data_bytes=data,
+                           graphs_with_checkpointing=graphs_with_checkpointing)  # recorded runs: graphs with it too
 
 
 # --- the history ------------------------------------------------------------------------------------------

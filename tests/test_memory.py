@@ -64,8 +64,11 @@ def test_checkpointing_lowers_activations(mode, facts, family):
         on = est(facts, family, mode=mode, batch_size=b, checkpointing=True)
         assert on.terms["activations"] < off.terms["activations"] / 3
         assert on.total < off.total
-        assert {k: v for k, v in on.terms.items() if k not in ("activations", "weight casts")} == \
-            {k: v for k, v in off.terms.items() if k not in ("activations", "weight casts")}
+        changed = ("activations", "weight casts", "gradients")  # D2FTrain captures no CUDA graph with it on
+        assert {k: v for k, v in on.terms.items() if k not in changed} == \
+            {k: v for k, v in off.terms.items() if k not in changed}
+        P = facts.params if mode == "full" else 16 * facts.lora_params
+        assert off.terms["gradients"] - on.terms["gradients"] == 4 * P
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
@@ -114,6 +117,14 @@ def test_every_captured_graph_keeps_its_own_pool():
     expected = sum(M.activation_bytes(SD15, M.RunSettings(), "sd15", s * s) for s in (64, 60, 56, 52)) \
         + M.activation_bytes(SD15, M.RunSettings(), "sd15", 48 * 48)
     assert six.terms["activations"] == int(expected)
+
+
+def test_no_graph_terms_with_checkpointing_unless_graphs_replay_with_it():
+    on = est(checkpointing=True, shapes=((64, 64), (48, 48)))
+    assert on.terms["gradients"] == 4 * 16 * SD15.lora_params  # the persistent gradients only
+    assert on.terms["activations"] == int(M.activation_bytes(SD15, M.RunSettings(checkpointing=True), "sd15", 64 * 64))
+    graphed = est(checkpointing=True, shapes=((64, 64), (48, 48)), graphs_with_checkpointing=True)
+    assert graphed.terms["gradients"] == 3 * 4 * 16 * SD15.lora_params and graphed.total > on.total
 
 
 def test_fp32_doubles_weights_and_activations():

@@ -15,7 +15,8 @@ Training peak (the sum of what lives on the device while the largest step runs):
     S = P·(4 + 4 + k_opt + s_ema) + 4P·g + 4P·[world > 1] + 2·(4P + P·s_ema)·[lora]
         4 master/factor (fp32) + 4 persistent gradient + optimizer states (k_opt = 8 for Adam/AdamW's m, v;
         4 for SGD momentum) + the EMA (s_ema = 0 off, 4 fp32, s_w "training"), + the static gradient outputs of
-        each captured CUDA graph (g = graphs held, ≤ 4, one per bucket shape; 0 without CUDA graphs) + DDP's
+        each captured CUDA graph (g = graphs held, ≤ 4, one per bucket shape; 0 without CUDA graphs, which D2FTrain
+        leaves off with gradient checkpointing on and under DDP) + DDP's
         gradient buckets; LoRA also keeps its two NaN-recovery snapshots on the device (full mode keeps them in
         host memory).
     K = s_w·N                 (full, bf16 autocast, checkpointing off: every weight's bf16 copy is saved for
@@ -81,7 +82,9 @@ weights, both), 1.1–1.4 GiB for SD1.5 on the H100, nearly always with checkpoi
 the model's (SD1.5: 0.93–0.95 GiB per sample in every series). It is not in the model: the recorded peaks cannot
 tell what it is (older code; a capture that fell back to eager in some runs, or a library workspace taken when
 memory is plentiful, would both look like this). (**) Unexplained: 13.4 GiB more than bs1 for 3 more samples,
-18× the LoRA runs' per-sample cost with the same checkpointing. bench/bench_memory.py re-measures these
+18× the LoRA runs' per-sample cost with the same checkpointing; measured when checkpointed blocks were still
+captured in CUDA graphs, whose recomputation inside a capture fails (aa9a52a: D2FTrain now runs those eagerly) —
+a capture that failed part-way and kept its pool would look like this. bench/bench_memory.py re-measures these
 settings on the current code, step by step (where the peak happens, what stays held), and prints the constants
 that fit them; the full fine-tune without checkpointing (F_FULL_OFF) has no recorded point at all.
 """
@@ -273,6 +276,7 @@ class RunSettings:
     optimizer: str = "adamw"
     ema_bytes: int = 0                      # 0: no EMA, 4: fp32, else the training dtype's
     cuda_graphs: bool = True                # only on a CUDA device
+    graphs_with_checkpointing: bool = False # D2FTrain runs eagerly with checkpointing on (fast_paths)
     world_size: int = 1
     data_bytes: int = 0
     context_tokens: int = 77
@@ -326,7 +330,8 @@ def estimate(facts: NetworkFacts, s: RunSettings, family: str = FALLBACK_FAMILY,
     lora = s.mode == "lora"
     P = facts.lora_params * s.rank if lora else facts.params
     shapes = sorted({(int(h), int(w)) for h, w in s.shapes} or {(64, 64)}, key=lambda t: -t[0] * t[1])
-    graphs = min(len(shapes), MAX_GRAPHS) if s.cuda_graphs else 0
+    replay = s.cuda_graphs and (s.graphs_with_checkpointing or not s.checkpointing)
+    graphs = min(len(shapes), MAX_GRAPHS) if replay else 0
     acts = [activation_bytes(facts, s, family, h * w) for h, w in shapes]
     activations = sum(acts[:graphs]) + max(acts[graphs:], default=0.0)
     ema = P * s.ema_bytes
