@@ -6,8 +6,9 @@
 
 GPU: random-weight UNets of the real SD1.5 and SDXL architectures (fp16 files loaded by the host's own loader,
 as bench_train.py), 16 latents of 64×64 (SD1.5) / 128×128 (SDXL) with random captions. Each row is one D2FTrain
-run through the host's executor path, bf16, CUDA graphs on (unless said), a few optimizer steps: the first step
-of a shape runs eagerly, the second captures the CUDA graphs, the rest replay them. Saving is switched off (no
+run through the host's executor path, bf16, cuda_graphs on (unless said; D2FTrain replays graphs for LoRA
+without checkpointing only), a few optimizer steps: the first step of a shape runs eagerly, the second captures
+the CUDA graphs, the rest replay them. Saving is switched off (no
 disk traffic); the node's own pre-flight runs and its estimate is recorded (its free-memory reading is
 replaced by "no limit", so that every row runs even where the estimate says it would not fit). Measured:
 

@@ -57,6 +57,12 @@ def _world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
 
 
+def _graphs(device: torch.device, opts: dict, world: int, checkpointing: bool) -> bool:
+    """Whether D2FTrain's step replays CUDA graphs for these options (its own rule, ``train_node.fast_paths``)."""
+    from .train_node import fast_paths  # imported here: train_node imports this module
+    return fast_paths(device.type, dict(opts, gradient_checkpointing=checkpointing), ddp=world > 1)[1]
+
+
 def _context_tokens(buckets) -> int:
     longest = 0
     for bucket in buckets:
@@ -91,8 +97,9 @@ def plan(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...]
         mode=opts["mode"], rank=int(opts.get("rank", 16)), batch_size=int(opts["batch_size"]), shapes=tuple(shapes),
         weight_bytes=weight_bytes, lora_targets=opts.get("lora_targets", "attention"),
         optimizer=opts.get("optimizer", "adamw"), ema_bytes=ema_bytes,
-        # as TrainingRun decides: CUDA graphs on a CUDA device, never under DDP
-        cuda_graphs=bool(opts.get("cuda_graphs", True)) and device.type == "cuda" and world == 1, world_size=world,
+        # CUDA graphs as TrainingRun decides them (fast_paths), without and with checkpointing
+        cuda_graphs=_graphs(device, opts, world, False), graphs_with_checkpointing=_graphs(device, opts, world, True),
+        world_size=world,
         data_bytes=data, context_tokens=_context_tokens(buckets))
     config = getattr(model.model, "model_config", None)
     names = [c.__name__ for c in type(config).__mro__] if config is not None else []

@@ -192,3 +192,27 @@ def test_the_executor_validates_choices_and_legacy_booleans(host, sd15_unet_name
     assert not ok and any("gradient_checkpointing must be one of auto, on, off" in str(e) for e in errors), errors
     ok, errors = validate(mode="sideways")  # the other combos keep the executor's own check
     assert not ok and any(e["type"] == "value_not_in_list" for e in errors), errors
+
+
+def test_graph_terms_follow_the_nodes_own_rule(host, pack, sd15_model, monkeypatch):
+    """On a CUDA device the estimate counts CUDA-graph buffers exactly where D2FTrain replays graphs
+    (``fast_paths``: LoRA, checkpointing off, not compiled, one process)."""
+    fake_free_memory(monkeypatch, pack, 10 ** 12)
+    data = dataset(2)
+    buckets = pack.assemble_buckets(sd15_model, *data)
+
+    def graph_gradients(**overrides):
+        opts = options(host, **overrides)
+        result = pack.memory_check.plan(sd15_model, buckets, opts, torch.float32, pack.CHECKPOINT_BLOCKS,
+                                        device=torch.device("cuda"))
+        P = result.without.terms["trained"] // 4
+        return [e.terms["gradients"] // (4 * P) - 1 for e in (result.without, result.with_)]
+    assert graph_gradients(mode="lora", cuda_graphs=True) == [1, 0]      # one bucket captured; none with ckpt
+    assert graph_gradients(mode="lora", cuda_graphs=False) == [0, 0]
+    assert graph_gradients(mode="full", cuda_graphs=True) == [0, 0]
+    assert graph_gradients(mode="lora", cuda_graphs=True, compile=True) == [0, 0]
+    opts = options(host, mode="lora", cuda_graphs=True)
+    ddp = pack.memory_check.plan(sd15_model, buckets, opts, torch.float32, pack.CHECKPOINT_BLOCKS, world_size=2,
+                                 device=torch.device("cuda"))
+    P = ddp.without.terms["trained"] // 4
+    assert ddp.without.terms["gradients"] == 2 * 4 * P  # persistent gradients + DDP's buckets, no graph

@@ -15,8 +15,8 @@ Training peak (the sum of what lives on the device while the largest step runs):
     S = P·(4 + 4 + k_opt + s_ema) + 4P·g + 4P·[world > 1] + 2·(4P + P·s_ema)·[lora]
         4 master/factor (fp32) + 4 persistent gradient + optimizer states (k_opt = 8 for Adam/AdamW's m, v;
         4 for SGD momentum) + the EMA (s_ema = 0 off, 4 fp32, s_w "training"), + the static gradient outputs of
-        each captured CUDA graph (g = graphs held, ≤ 4, one per bucket shape; 0 without CUDA graphs, which D2FTrain
-        leaves off with gradient checkpointing on and under DDP) + DDP's
+        each captured CUDA graph (g = graphs held, ≤ 4, one per bucket shape; 0 without CUDA graphs: D2FTrain
+        replays them only for LoRA without checkpointing, compile or DDP) + DDP's
         gradient buckets; LoRA also keeps its two NaN-recovery snapshots on the device (full mode keeps them in
         host memory).
     K = s_w·N                 (full, bf16 autocast, checkpointing off: every weight's bf16 copy is saved for
@@ -276,7 +276,7 @@ class RunSettings:
     optimizer: str = "adamw"
     ema_bytes: int = 0                      # 0: no EMA, 4: fp32, else the training dtype's
     cuda_graphs: bool = True                # only on a CUDA device
-    graphs_with_checkpointing: bool = False # D2FTrain runs eagerly with checkpointing on (fast_paths)
+    graphs_with_checkpointing: bool = False # whether they also replay with checkpointing on (D2FTrain: no)
     world_size: int = 1
     data_bytes: int = 0
     context_tokens: int = 77
