@@ -30,6 +30,7 @@ from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, No
 from .reflow_nodes import CouplingsIO
 from .ema_node import EMAOptionsIO
 from .file_metadata import describe_training
+from . import memory_check
 from .local_workers import (GPUS_TOOLTIP, gpu_choices, local_world, train_inputs_for_workers, train_worker,
                             world_size_for)
 from .run_files import WHERE, RunFiles, resume_state_path
@@ -115,8 +116,11 @@ class D2FTrain(io.ComfyNode):
                                tooltip="After warm-up: constant, or cosine decay to 0."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
                                tooltip="adamw (fused on GPU) is the default; sgd uses momentum 0.9."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: much less memory, ~30% slower."),
+                io.Combo.Input("gradient_checkpointing", options=list(memory_check.CHECKPOINTING_CHOICES),
+                               default="auto",
+                               tooltip="Recompute activations in backward: much less memory, ~30% slower. auto: on "
+                                       "only when the run's estimated memory without it does not fit the GPU (a run "
+                                       "that cannot fit even with it stops before loading, saying what to lower)."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
                 io.Boolean.Input("cuda_graphs", default=True, advanced=True,
@@ -180,6 +184,10 @@ class D2FTrain(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, gradient_checkpointing=None):
+        return memory_check.validate_checkpointing(gradient_checkpointing)  # also a saved workflow's true/false
+
+    @classmethod
     def execute(cls, model, latents=None, positive=None, empty_conditioning=None, resume_from=None, couplings=None,
                 **options) -> io.NodeOutput:
         model = _first(model)
@@ -215,6 +223,9 @@ class D2FTrain(io.ComfyNode):
         empty = empty_prompt_kwargs(model, _first(empty_conditioning), buckets[0][0].shape[1:])
         if config.caption_dropout > 0 and empty is None:
             raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
+        # Memory pre-flight: decides gradient_checkpointing auto, refuses a run that cannot fit (before any load).
+        memory = memory_check.check(model, buckets, opts, DTYPES[opts["training_dtype"]], CHECKPOINT_BLOCKS, world_size)
+        opts["gradient_checkpointing"] = memory.checkpointing
 
         inputs = dict(sampling=sampling, buckets=buckets, empty=empty, config=config, opts=opts,
                       node_id=cls.hidden.unique_id, run_name=run_name, identity=identity)
@@ -222,6 +233,7 @@ class D2FTrain(io.ComfyNode):
                                                       **train_inputs_for_workers(inputs, resume_path)) as world:
             run = TrainingRun(model, **inputs)
             world.kept = lambda: run.files.kept() if run.files is not None else ""
+            run.memory_required = memory.memory_required
             return run.execute(resume_path)
 
 
@@ -304,7 +316,8 @@ class TrainingRun:
         except RuntimeError as exc:
             raise ValueError("D2FTrain needs a model that comes from a loader node (Load Checkpoint / Load "
                              f"Diffusion Model), so it can train a private copy: {exc}") from exc
-        mm.load_models_gpu([private], force_full_load=True)
+        # memory_required: the host unloads other models until the whole run (not only the weights) fits.
+        mm.load_models_gpu([private], memory_required=getattr(self, "memory_required", 0), force_full_load=True)
         return private
 
     def _adapters(self, unet, device):

@@ -38,7 +38,7 @@ TRAIN = "d2f_sd15_train_lora"
 # what the browser test changes on the loaded training workflow, through the widgets
 TINY_WIDGETS = {
     "D2FTrain": {"steps": 6, "save_every": 3, "preview_every": 0, "training_dtype": "fp32", "rank": 4,
-                 "alpha": 4, "gradient_checkpointing": False},
+                 "alpha": 4, "gradient_checkpointing": "off"},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
 }
