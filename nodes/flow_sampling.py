@@ -172,10 +172,14 @@ def flow_model_sampling(model_patcher, prediction: str = "auto", label_offset: f
                          "CosXL, nor distilled/LCM ones).")
     detected, space = detect_parameterisation(base, family)
     chosen = detected if prediction == "auto" else prediction
-    config = getattr(getattr(model_patcher, "model", None), "model_config", None)
-    schedule = schedule_of(base, getattr(config, "sampling_settings", None))
-    if chosen == "eps" and schedule.zsnr:
+    if chosen == "eps" and bool(getattr(base, "zsnr", False)):
         raise ValueError(f"{family} with ε-prediction on a zero-terminal-SNR schedule is ill-posed: at the last step the "
                          "model would have to predict x0 from pure noise through ε, x̂0 = (x - σ·ε̂)/(1 - σ) with 1 - σ ≈ 0. "
                          "Use a v-prediction checkpoint with zsnr, or turn zsnr off.")
+    config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+    try:
+        schedule = schedule_of(base, getattr(config, "sampling_settings", None))
+    except ValueError as err:  # e.g. zsnr rescaling of a schedule it was not made for leaves a non-monotone table
+        raise ValueError(f"D2FFlowPatch cannot map {family} on this schedule ({_sampling_kind(base)}): {err}. "
+                         "The bridge needs ς_n strictly increasing, as the host's own schedules are.") from None
     return FlowBridgeSampling(base, FlowBridge(schedule, chosen, label_offset, input_space=space), family, schedule.source)
