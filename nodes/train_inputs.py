@@ -20,8 +20,9 @@ def bridge_sampling_of(model) -> FlowBridgeSampling:
     if sampling.bridge.input_space != "vp":
         # LotusD maps an image latent to a prediction latent in one step: the patch samples it exactly, but a
         # denoising fine-tune from noise is not its task (issue 13 part 2 decides how it trains).
-        raise ValueError(f"D2FTrain cannot train {sampling.family or 'this model'} yet: it predicts x0 from an unscaled "
-                         "image latent (image-to-prediction), not a denoiser from noise.")
+        raise ValueError(f"D2FTrain and D2FReflowPairs do not support {sampling.family or 'this model'} yet: it predicts "
+                         "x0 from an unscaled image latent (image to prediction), it is not a denoiser from noise. "
+                         "D2FFlowPatch samples it.")
     return sampling
 
 

@@ -19,7 +19,7 @@ Smallest configurations the detector still identifies (CPU memory, 2 cores; para
 | SDXL refiner | SDXLRefiner | 384 ch, context 1280, adm 2560, input transformer depths [0,0,4,4,4,4,0,0] | every level 384 ch, no output/middle transformers | 168 M |
 | SSD-1B / Segmind Vega | SSD1B / Segmind_Vega | SDXL's with depths [0,0,2,2,4,4] / [0,0,1,1,2,2] | every level 320 ch, no output/middle transformers | 98 / 80 M |
 | KOALA-700M / -1B | KOALA_700M / KOALA_1B | 1 res block per level, depths [0,2,5] / [0,2,6] | as above | 65 / 69 M |
-| SDXL v-pred zsnr | SDXL (V_PREDICTION, zsnr) | SDXL's detector keys + ``v_pred`` + ``ztsnr`` | as ``comfy_host.SDXL_UNET_CONFIG`` | 136 M |
+| SDXL ε / v-pred / v-pred zsnr | SDXL (EPS / V_PREDICTION / +zsnr) | SDXL's detector keys (+ ``v_pred``, + ``ztsnr``) | as ``comfy_host.SDXL_UNET_CONFIG`` | 136 M |
 | InstructPix2Pix SD1.5 / SDXL | SD15_/SDXL_instructpix2pix | 8 input channels | as ``comfy_host`` SD15 / SDXL configs | 26 / 136 M |
 | PixArt-α / -Σ | PixArtAlpha / PixArtSigma | hidden 1152, 16 heads, patch 2 (fixed by the detector), α with size/AR embedders | 1 block of 28 | 38 M |
 | HunyuanDiT 1.0 / 1.1–1.2 | HunyuanDiT / HunyuanDiT1 | hidden 1408 (1.1's detection needs extra_embedder width 3968 = 1024 + 6·256 + 1408) | 1 block of 40, MLP ratio 4 | 111 / 127 M |
@@ -149,6 +149,8 @@ FAMILIES = [
                                             transformer_depth_output=[0] * 6), "eps", _SD, (77, 2048), pooled=1280),
     Family("koala_1b", "KOALA_1B", dict(_XL, num_res_blocks=[1, 1, 1], transformer_depth=[0, 2, 6],
                                         transformer_depth_output=[0] * 6), "eps", _SD, (77, 2048), pooled=1280),
+    Family("sdxl_eps", "SDXL", _XL, "eps", _SD, (77, 2048), pooled=1280),
+    Family("sdxl_vpred", "SDXL", _XL, "v_prediction", _SD, (77, 2048), pooled=1280, markers=("v_pred",)),
     Family("sdxl_vpred_zsnr", "SDXL", _XL, "v_prediction", _SD, (77, 2048), pooled=1280, zsnr=True,
            markers=("v_pred", "ztsnr")),
     Family("sd15_ip2p", "SD15_instructpix2pix", dict(comfy_host.SD15_UNET_CONFIG, in_channels=8), "eps", _SD, (77, 768),
@@ -460,6 +462,13 @@ def test_lotus_single_step_workflow(host):
 
         a, b = run(flow, 999.0 / 1000.0), run(model, 999.0)
         assert torch.isfinite(a).all() and rel(a, b) <= EXACT, rel(a, b)
+
+        # Training from noise is not LotusD's task: D2FTrain/D2FReflowPairs refuse it before any work (issue 13 part 2).
+        import sys
+        bridge_sampling_of = sys.modules[host.node_class("D2FTrain").__module__].bridge_sampling_of
+        for m in (model, flow):
+            with pytest.raises(ValueError, match="LotusD"):
+                bridge_sampling_of(m)
     finally:
         host.mm.unload_all_models()
         os.remove(path)
