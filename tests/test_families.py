@@ -13,7 +13,7 @@ Smallest configurations the detector still identifies (CPU memory, 2 cores; para
 | family | host class | layout kept | shrunk to | params |
 |---|---|---|---|---|
 | SD2.x 512-ε / 768-v | SD20 | 4 levels × 2 res blocks, context 1024, linear transformers, ``output_blocks.11`` transformer (the v test's key) | every level 320 ch, 1 input + 1 output transformer | 76 M |
-| SD2.1 unCLIP-L / -H | SD21UnclipL/H | as SD2, ``label_emb`` 1536 / 2048 | as SD2 | 79 / 81 M |
+| SD2.1 unCLIP-L / -H | SD21UnclipL/H | as SD2, ``label_emb`` 1536 / 2048 | as SD2 | 80 / 81 M |
 | LotusD | LotusD | as SD2, ``label_emb`` 4 (task embedding) | as SD2 | 78 M |
 | SD ×4 upscaler | SD_X4Upscaler | 256 ch, 7 input channels, 4 levels (its ``disable_self_attentions`` has 4), class embedding 1000 | 1 res block per level, every level 256 ch, 1 transformer | 34 M |
 | SDXL refiner | SDXLRefiner | 384 ch, context 1280, adm 2560, input transformer depths [0,0,4,4,4,4,0,0] | every level 384 ch, no output/middle transformers | 168 M |
@@ -22,11 +22,13 @@ Smallest configurations the detector still identifies (CPU memory, 2 cores; para
 | SDXL ε / v-pred / v-pred zsnr | SDXL (EPS / V_PREDICTION / +zsnr) | SDXL's detector keys (+ ``v_pred``, + ``ztsnr``) | as ``comfy_host.SDXL_UNET_CONFIG`` | 136 M |
 | InstructPix2Pix SD1.5 / SDXL | SD15_/SDXL_instructpix2pix | 8 input channels | as ``comfy_host`` SD15 / SDXL configs | 26 / 136 M |
 | PixArt-α / -Σ | PixArtAlpha / PixArtSigma | hidden 1152, 16 heads, patch 2 (fixed by the detector), α with size/AR embedders | 1 block of 28 | 38 M |
-| HunyuanDiT 1.0 / 1.1–1.2 | HunyuanDiT / HunyuanDiT1 | hidden 1408 (1.1's detection needs extra_embedder width 3968 = 1024 + 6·256 + 1408) | 1 block of 40, MLP ratio 4 | 111 / 127 M |
+| HunyuanDiT 1.0 / 1.1–1.2 | HunyuanDiT / HunyuanDiT1 | hidden 1408 (1.1's detection needs extra_embedder width 3968 = 1024 + 6·256 + 1408) | 1 block of 40, MLP ratio 4 | 94 / 110 M |
 
-PixArt needs latents whose (H + W)/2 rounds to at least one 64-multiple of its position-embedding base
-(``pixartms.forward_orig``): 8×72 here (c_res 40, 144 tokens). Every other family samples 4×4 latents.
-The DiTs sample 3 txt2img / 2 img2img steps (CPU time), the UNets 4 / 3.
+PixArt's position embedding has base size round(c_res/64)·64/2 with c_res = (H + W)//2
+(``pixartms.forward_orig``), zero below c_res 33: 8×72 latents here (c_res 40, 144 tokens). HunyuanDiT takes
+77 CLIP and exactly 256 mT5 tokens (its padding table and pooler are sized so). HunyuanDiT 1.1 and 1.2 share
+layout and schedule (one host class). Every other family samples 4×4 latents. The DiTs sample 3 txt2img /
+2 img2img steps (CPU time), the UNets 4 / 3.
 
 Equivalence (DESIGN §2): stock ``euler`` on the patched model over φ(ς_n) equals native ``euler`` (DDIM) over
 ς_n on integer-label grids, in exact arithmetic. In float32 three things separate the two runs:
