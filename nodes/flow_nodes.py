@@ -23,7 +23,9 @@ def _flow_sampling_of(model) -> FlowBridgeSampling:
 def _patch_readout(sampling: FlowBridgeSampling, requested: str, label_offset: int) -> dict:
     """What the web extension shows on the node after it ran: prediction type and σ range."""
     s_max, s_min = float(sampling.sigma_max), float(sampling.sigma_min)
-    return {"prediction": sampling.prediction, "requested": requested, "label_offset": int(label_offset),
+    return {"family": sampling.family, "prediction": sampling.prediction, "requested": requested,
+            "zsnr": bool(sampling.bridge.schedule.zsnr), "input": sampling.bridge.input_space,
+            "schedule": sampling.schedule_source, "label_offset": int(label_offset),
             "sigma_max": s_max, "sigma_min": s_min, "steps": int(sampling.sigmas.shape[0]),
             "base_sigma_max": s_max / (1.0 - s_max), "base_sigma_min": s_min / (1.0 - s_min)}
 
@@ -36,19 +38,22 @@ class D2FFlowPatch(io.ComfyNode):
             display_name="Diff2Flow Patch (ε/v → flow)",
             category=CATEGORY,
             description=(
-                "Turns an ε- or v-prediction checkpoint (SD1.x, SD2.x, SDXL) into a flow-matching model, "
-                "x = (1-σ)·x0 + σ·ε. Exact: on an un-finetuned model, Euler on the patched model equals DDIM "
-                "on the original. Works with every stock sampler and scheduler. Non-destructive (patches a clone)."),
+                "Turns an ε- or v-prediction checkpoint into a flow-matching model, x = (1-σ)·x0 + σ·ε: SD1.x, "
+                "SD2.x (512-ε, 768-v), SD2.1 unCLIP, SDXL (ε, v, v+zsnr) and its refiner, SSD-1B, Segmind Vega, "
+                "KOALA, InstructPix2Pix, the ×4 upscaler, LotusD, PixArt-α/Σ and HunyuanDiT, each on its own "
+                "schedule as the host loaded it. Exact: on an un-finetuned model, Euler on the patched model equals "
+                "DDIM on the original. Works with every stock sampler and scheduler. Non-destructive (patches a clone)."),
             inputs=[
                 io.Model.Input("model", tooltip="A legacy ε- or v-prediction model, straight from its loader (and LoRAs)."),
                 io.Combo.Input("prediction", options=["auto", "eps", "v_prediction"], default="auto",
-                               tooltip="What the network predicts. auto reads it from the loaded model; SD2 768-v and "
-                                       "v-pred SDXL checkpoints are sometimes detected wrongly: set v_prediction then."),
+                               tooltip="What the network predicts. auto reads it from the loaded model (the host detects "
+                                       "SD2 768-v from its weights and v-pred/zsnr SDXL from its v_pred/ztsnr keys); set "
+                                       "v_prediction only for a file the host detects wrongly (e.g. a v-pred SDXL without the key)."),
                 io.Int.Input("label_offset", default=0, min=0, max=1, advanced=True,
                              tooltip="0 for normal checkpoints. 1 only for checkpoints fine-tuned with the official "
                                      "Diff2Flow code, which labels step k with the noise level of k-1."),
             ],
-            outputs=[io.Model.Output(tooltip="The same weights, sampled as a flow model (σ from ~0.94 to 0).")],
+            outputs=[io.Model.Output(tooltip="The same weights, sampled as a flow model (σ from φ(ς_max), 0.936 on SD, to 0).")],
             has_intermediate_output=True,  # its read-out (prediction, σ range) is resent when the node is cached
         )
 

@@ -15,9 +15,15 @@ from .flow_sampling import FlowBridgeSampling, flow_model_sampling
 def bridge_sampling_of(model) -> FlowBridgeSampling:
     """The model's flow view: its own if already patched, else a fresh one (refusing flow-native models)."""
     sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, FlowBridgeSampling):
-        return sampling
-    return flow_model_sampling(model)
+    if not isinstance(sampling, FlowBridgeSampling):
+        sampling = flow_model_sampling(model)
+    if sampling.bridge.input_space != "vp":
+        # LotusD maps an image latent to a prediction latent in one step: the patch samples it exactly, but a
+        # denoising fine-tune from noise is not its task (issue 13 part 2 decides how it trains).
+        raise ValueError(f"D2FTrain and D2FReflowPairs do not support {sampling.family or 'this model'} yet: it predicts "
+                         "x0 from an unscaled image latent (image to prediction), it is not a denoiser from noise. "
+                         "D2FFlowPatch samples it.")
+    return sampling
 
 
 def unet_kwargs(model, pair, latent_shape) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from d2f_core.flow.bridge import FlowBridge, flow_sigma, interpolate, ve_sigma, vp_scale
 from d2f_core.flow.guidance import rescale_cfg_denoised
 from d2f_core.flow.samplers import flow_sigmas, sample_ddim, sample_euler_flow
-from d2f_core.flow.schedule import DiscreteSchedule
+from d2f_core.flow.schedule import DiscreteSchedule, make_betas
 
 SD = DiscreteSchedule.stable_diffusion()
 LABELS = [0, 1, 500, 998, 999]
@@ -216,3 +216,47 @@ def test_per_sigma_cache_sees_in_place_changes_and_inference_tensors():
         assert torch.allclose(bridge.model_input(s, x), x / vp_scale(s).reshape(-1, 1, 1, 1))
         t = bridge.sigmas[[600]].clone()
         assert float(bridge.label(t)) == pytest.approx(600, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13: the VE input space (LotusD) and the float32 time resolution of other families' schedules
+# ---------------------------------------------------------------------------------------------
+def test_ve_input_space_feeds_the_unscaled_ve_state():
+    """input_space="ve" (the host's IMG_TO_IMG): the network sees x_VE = x/(1-σ) = x0 + ς·ε, not x/D; the output
+    formulas do not depend on what the network was fed."""
+    vp, ve = FlowBridge(SD, "x0"), FlowBridge(SD, "x0", input_space="ve")
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    sigma = ve.sigma_at(torch.tensor(640.25, dtype=torch.float64))
+    s = float(sigma)
+    x = interpolate(x0, noise, sigma)
+    assert torch.allclose(ve.model_input(sigma, x), x0 + s / (1 - s) * noise, atol=1e-12)
+    assert torch.allclose(vp.model_input(sigma, x), x / vp_scale(sigma), atol=1e-12)
+    assert torch.allclose(ve.denoised(sigma, x0, x), vp.denoised(sigma, x0, x))
+    assert torch.allclose(ve.velocity(sigma, x0, x), noise - x0, atol=1e-10)
+    with pytest.raises(ValueError, match="input_space"):
+        FlowBridge(SD, "x0", input_space="raw")
+
+
+SCHEDULES = {  # the β of the families the host loads on a discrete schedule
+    "sd": ("linear", 0.00085, 0.012, False), "sd_zsnr": ("linear", 0.00085, 0.012, True),
+    "x4_upscaler": ("linear", 0.0001, 0.02, False), "pixart": ("sqrt_linear", 0.0001, 0.02, False),
+    "hunyuan_dit_1_0": ("linear", 0.00085, 0.018, False), "hunyuan_dit_1_1": ("linear", 0.00085, 0.03, False),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_fp32_grid_time_error_bounds_the_label_of_every_rounded_entry(name):
+    """δ_n (``DiscreteSchedule.fp32_grid_time_error``) bounds, for every table entry, how far the float32 label of
+    fl₃₂(σ_n) (what a sampler hands the patched model) lands from n: the a-priori figure the family tests use."""
+    kind, start, end, zsnr = SCHEDULES[name]
+    schedule = DiscreteSchedule.from_betas(make_betas(kind, 1000, start, end), zsnr=zsnr)
+    bridge = FlowBridge(schedule, "v_prediction")
+    rounded = bridge.sigmas.float()
+    n = torch.arange(1000, dtype=torch.float64)
+    error = (bridge.label(rounded).double() - n).abs()
+    delta = schedule.fp32_grid_time_error(n)
+    assert bool((error <= delta).all()), float((error - delta).max())
+    # Large at the top of schedules whose ς_max is large (DESIGN §7), where fp32 resolves 1 - σ coarsely.
+    top = {"sd": 2e-4, "sd_zsnr": 3e-4, "x4_upscaler": 2e-4, "pixart": 6e-4, "hunyuan_dit_1_0": 3e-4, "hunyuan_dit_1_1": 1e-3}
+    assert float(delta[-1]) <= top[name] and float(error.max()) <= top[name]

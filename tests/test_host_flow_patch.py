@@ -327,7 +327,9 @@ REFUSALS = {
                                                              "height": 512}), "already a flow-matching model"),
     "eps + zsnr": (("ModelSamplingDiscrete", {"sampling": "eps", "zsnr": True}), "zero-terminal-SNR"),
     "LCM": (("ModelSamplingDiscrete", {"sampling": "lcm", "zsnr": False}), "cannot map"),
-    "img_to_img": (("ModelSamplingDiscrete", {"sampling": "img_to_img", "zsnr": False}), "cannot map"),
+    # (img_to_img, LotusD's parameterisation, maps exactly: tests/test_families.py samples it)
+    "img_to_img_flow": (("ModelSamplingDiscrete", {"sampling": "img_to_img_flow", "zsnr": False}),
+                        "already a flow-matching model"),
     "EDM": (("ModelSamplingContinuousEDM", {"sampling": "edm", "sigma_max": 120.0, "sigma_min": 0.002}), "cannot map"),
 }
 

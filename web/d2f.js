@@ -228,7 +228,7 @@ function readoutText(info) {
   const pred = { eps: "ε-prediction", v_prediction: "v-prediction", x0: "x0-prediction" }[info.prediction] || info.prediction;
   const how = info.requested === "auto" ? "detected" : "set";
   const lines = [
-    `${pred} (${how}) → flow`,
+    `${info.family ? info.family + ": " : ""}${pred}${info.zsnr ? " + zsnr" : ""} (${how}) → flow`,
     `σ ${Number(info.sigma_max).toFixed(4)} → ${Number(info.sigma_min).toFixed(4)} (ς ${Number(info.base_sigma_max).toPrecision(4)} → ${Number(info.base_sigma_min).toPrecision(3)})`,
   ];
   if (info.label_offset) lines.push(`label offset ${info.label_offset}`);

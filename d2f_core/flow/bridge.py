@@ -7,7 +7,10 @@ Coordinates (DESIGN §2). With ς the model's VE sigma and σ flow time:
     x_VP = x_VE / sqrt(1 + ς²) = x / D,      D = sqrt((1 - σ)² + σ²)
 
 so x = (1 - σ)·x0 + σ·ε and the VP state the network was trained on is x / D with
-a = (1 - σ)/D, s = σ/D (a² + s² = 1). From a network output at flow time σ:
+a = (1 - σ)/D, s = σ/D (a² + s² = 1). A few models take the VE state itself, unscaled (the host's
+``IMG_TO_IMG`` parameterisation, LotusD): their input is x_VE = x / (1 - σ) (``input_space="ve"``).
+The input space and the output parameterisation are independent: the host's ε/v/x0 formulas read the
+network output against x_VE, whatever the network was fed. From a network output at flow time σ:
 
     ε-model:  x̂0 = (x - σ·ε̂) / (1 - σ)                 v̂ = (ε̂ - x) / (1 - σ)
     v-model:  x̂0 = ((1 - σ)·x - σ·D·v̂_VP) / D²          v̂ = ((2σ - 1)·x + D·v̂_VP) / D²
@@ -25,6 +28,7 @@ import torch
 from .schedule import DiscreteSchedule
 
 PREDICTION_TYPES = ("eps", "v_prediction", "x0")
+INPUT_SPACES = ("vp", "ve")  # what the network is fed: x_VP = x/D (SD and nearly all), or x_VE = x/(1-σ) (LotusD)
 
 
 def flow_sigma(ve_sigma):
@@ -79,14 +83,20 @@ class FlowBridge:
     ``label_offset``: 0 for checkpoints trained the standard way (index n ↔ ᾱ_n). Use 1 for
     checkpoints fine-tuned with the official Diff2Flow code, which feeds label k for ᾱ_{k-1}.
 
+    ``input_space``: "vp" (the network sees x_VP = x/D, as every ε/v checkpoint does) or "ve" (it sees
+    x_VE = x/(1-σ) unscaled: the host's ``IMG_TO_IMG``, i.e. LotusD's x0-from-latent parameterisation).
+
     The σ-only quantities of the last σ tensor seen are kept: a host model call hands the same σ to
     ``model_input``, ``label`` and ``denoised``, and recomputing them costs more host time than the
     arithmetic on the latents at small batch.
     """
 
-    def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps", label_offset: float = 0.0):
+    def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps", label_offset: float = 0.0,
+                 input_space: str = "vp"):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got '{prediction}'")
+        if input_space not in INPUT_SPACES:
+            raise ValueError(f"input_space must be one of {INPUT_SPACES}, got '{input_space}'")
         if prediction == "eps" and schedule.zsnr:
             raise ValueError(
                 "ε-prediction on a zero-terminal-SNR schedule is ill-posed: at the last step the model "
@@ -94,6 +104,7 @@ class FlowBridge:
                 "Use a v-prediction checkpoint with zsnr, or turn zsnr off.")
         self.schedule = schedule
         self.prediction = prediction
+        self.input_space = input_space
         self.label_offset = float(label_offset)
         self.sigmas = flow_sigma(schedule.sigmas)  # float64 on the CPU, increasing
         # Read as host numbers at every training step: Python floats, so no tensor (view) is made then.
@@ -152,9 +163,11 @@ class FlowBridge:
 
     # --- states ---------------------------------------------------------------------------------
     def model_input(self, sigma, x: torch.Tensor) -> torch.Tensor:
-        """The VP state the network was trained on: x_VP = x / D(σ)."""
-        d = _PerSigma.view(self._per_sigma(sigma).d, x)
-        return (x / d).to(x.dtype)
+        """The state the network was trained on: x_VP = x / D(σ), or for ``input_space="ve"`` the
+        unscaled x_VE = x / (1 - σ) (exactly the host's native input at ς = σ/(1-σ) either way)."""
+        entry = self._per_sigma(sigma)
+        scale = entry.d if self.input_space == "vp" else entry.one_minus
+        return (x / _PerSigma.view(scale, x)).to(x.dtype)
 
     def start_state(self, sigma, noise: torch.Tensor, x0: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
         """The sampler's first state at σ: (1-σ)·x0 + σ·ε, or with ``max_denoise`` the host's

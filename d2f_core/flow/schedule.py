@@ -158,6 +158,7 @@ class DiscreteSchedule:
         self.sigmas = sigmas
         self.log_sigmas = sigmas.log()
         self.zsnr = bool(zsnr)
+        self.source = ""  # how the table was obtained, in words, for read-outs (set by whoever built it)
         self._log_list = self.log_sigmas.tolist()  # host-side scalar math (``sigma_scalar``) makes no tensor
         # Identifies the exact table (files record it): hashed here, where the float64 table is made, once.
         self.table_sha256 = hashlib.sha256(sigmas.numpy().tobytes()).hexdigest()
@@ -263,6 +264,36 @@ class DiscreteSchedule:
         lo, hi = math.floor(t), math.ceil(t)
         w = t - lo
         return math.exp((1 - w) * self._log_list[lo] + w * self._log_list[hi])
+
+    def fp32_grid_time_error(self, labels, log1p_ulps: float = 1.0) -> torch.Tensor:
+        """How far, in labels, float32 moves an integer-label grid entry between native and flow sampling.
+
+        The patched model is handed σ̃_n = fl₃₂(σ_n), σ_n = ς_n/(1+ς_n) (its own float32 table), the native
+        model fl₃₂(ς_n) with the exact integer label n. Stock Euler on the patched model is DDIM over
+        ς̃_n = σ̃_n/(1-σ̃_n) at the fractional label n(σ̃_n) (DESIGN §2), so both runs are DDIM at slightly
+        different times of the same schedule. Per entry, to first order:
+
+            |σ̃_n - σ_n| ≤ ½ulp(σ_n)
+            |log ς̃_n - log ς_n| ≤ ρ_n = ½ulp(σ_n) / (σ_n·(1 - σ_n))         (d log ς / dσ = 1/(σ(1-σ)))
+            |log fl₃₂(ς_n) - log ς_n| ≤ u = 2⁻²⁴                              (the native side's own rounding)
+            δ_n = W*_n·(ρ_n + u) + L                                          labels, both sides together
+
+        with W*_n = max(W_{n-1}, W_n) the label-per-log-ς slope of the segments meeting at n and L the
+        float32 label-arithmetic bound (``flow_label_error_bound()["total"]``). ρ_n grows like ς_n near the
+        top: δ ≈ 8e-5 of a label at SD's σ_max (ς 14.6), 5e-4 at PixArt's (ς 157), 8e-4 at HunyuanDiT 1.1's
+        (ς 420), where 1-σ is 6e-3 and 2e-3 and float32 resolves σ only that coarsely (DESIGN §7). A sampled
+        output moves by at most Σ_n g_n·δ_n, g_n its change per label of entry n (model-dependent, measured by
+        moving the entry one table step). Returns δ_n (float64, CPU) for the given integer labels.
+        """
+        n = torch.as_tensor(labels, dtype=torch.float64).round().long().clamp(0, len(self) - 1)
+        t = self._cpu[torch.float64]
+        sig, om, w = t.flow_hi, t.one_minus, t.slope
+        w_left = torch.cat([w[:1], w])    # W_{n-1} (W_0 at n = 0)
+        w_right = torch.cat([w, w[-1:]])  # W_n (W_{T-2} at n = T-1)
+        w_star = torch.maximum(w_left, w_right)[n]
+        half_ulp = torch.exp2(torch.floor(torch.log2(sig[n])) - 24)
+        rho = half_ulp / (sig[n] * om[n])
+        return w_star * (rho + 2.0 ** -24) + self.flow_label_error_bound(log1p_ulps)["total"]
 
     def flow_label_error_bound(self, log1p_ulps: float = 1.0) -> dict:
         """The a-priori bound of the class docstring for float32 ``flow_label`` against float64, as
