@@ -71,7 +71,7 @@ def _ksampler(b: WorkflowBuilder, model, positive, negative, latent, *, steps, c
 
 def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_every, run_name):
     """D2FTrain with the settings both training examples share (LoRA rank 16, bf16, checkpointing when memory needs it)."""
-    return b.node("D2FTrain", size=[400, 720], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
+    return b.node("D2FTrain", size=[400, 780], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
                   learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
                   time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
                   optimizer="adamw", gradient_checkpointing="auto", training_dtype="bf16", cuda_graphs=True,
