@@ -360,6 +360,28 @@ def vae_layout() -> dict:
     return {"first_stage_model." + k: tuple(v.shape) for k, v in vae.state_dict().items()}
 
 
+def write_pattern_png(path: str, rgb, size: int = 64) -> str:
+    """A size×size RGB PNG with a gradient pattern around ``rgb`` (not flat: an encoder sees structure)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    Image.fromarray(np.stack([(xx * 4 + rgb[0]) % 256, (yy * 4 + rgb[1]) % 256, np.full_like(xx, rgb[2])],
+                             -1).astype("uint8")).save(path)
+    return path
+
+
+def write_training_folder(folder: str) -> str:
+    """The example workflows' training folder: two captioned images (img0/1.png + .txt), as core
+    LoadImageTextSetFromFolder reads them."""
+    os.makedirs(folder, exist_ok=True)
+    for i, (rgb, caption) in enumerate((((200, 40, 40), "a red pattern"), ((30, 160, 60), "a green pattern"))):
+        write_pattern_png(os.path.join(folder, f"img{i}.png"), rgb)
+        with open(os.path.join(folder, f"img{i}.txt"), "w") as f:
+            f.write(caption)
+    return folder
+
+
 def write_sd15_checkpoint(path: str, unet_sd: dict, seed: int = 1) -> str:
     """A full SD1.5 checkpoint: ``model.diffusion_model.*`` (the given tiny UNet) + a real-layout CLIP-L
     (``cond_stage_model.transformer.text_model.*``, 123 M parameters) + a real-layout VAE

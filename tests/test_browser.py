@@ -75,15 +75,6 @@ def shots(tmp_path_factory):
             shutil.copy(p, os.path.join(target, p.name))
 
 
-def _png(path, rgb, size=64):
-    import numpy as np
-    from PIL import Image
-
-    yy, xx = np.mgrid[0:size, 0:size]
-    Image.fromarray(np.stack([(xx * 4 + rgb[0]) % 256, (yy * 4 + rgb[1]) % 256, np.full_like(xx, rgb[2])],
-                             -1).astype("uint8")).save(path)
-
-
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):
     """ComfyUI on a free loopback port, base directory in tmp, the pack symlinked into its
@@ -97,13 +88,8 @@ def server(host, tmp_path_factory):
     else:
         unet = comfy_host.tiny_unet_state_dict(comfy_host.SD15_UNET_CONFIG, "SD15", seed=0)
         comfy_host.write_sd15_checkpoint(ckpt, unet)
-    data = os.path.join(srv.input_dir, examples.TRAIN_FOLDER)
-    os.makedirs(data, exist_ok=True)
-    for i, (rgb, caption) in enumerate((((200, 40, 40), "a red pattern"), ((30, 160, 60), "a green pattern"))):
-        _png(os.path.join(data, f"img{i}.png"), rgb)
-        with open(os.path.join(data, f"img{i}.txt"), "w") as f:
-            f.write(caption)
-    _png(os.path.join(srv.input_dir, examples.IMG2IMG_IMAGE), (40, 90, 160))
+    comfy_host.write_training_folder(os.path.join(srv.input_dir, examples.TRAIN_FOLDER))
+    comfy_host.write_pattern_png(os.path.join(srv.input_dir, examples.IMG2IMG_IMAGE), (40, 90, 160))
     srv.start()
     try:
         srv.quiet_ui()  # no template browser popping up by itself, no minimap over the nodes

@@ -34,13 +34,6 @@ RUN_NAME = "d2f_sd15_lora"  # the workflow's D2FTrain run_name
 SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrain", "optimizer", "sgd")]
 
 
-def _png(path, rgb, size=64):
-    import numpy as np
-    from PIL import Image
-
-    Image.fromarray(np.full((size, size, 3), rgb, dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def server(host, tmp_path_factory):
     """ComfyUI on a free loopback port, base directory in tmp, the pack in its custom_nodes/, a tiny SD1.5
@@ -49,12 +42,7 @@ def server(host, tmp_path_factory):
     srv = frontend.ComfyServer(host.path, str(base), PACK_DIR, startup_timeout=180).prepare()
     unet = comfy_host.tiny_unet_state_dict(comfy_host.SD15_UNET_CONFIG, "SD15", seed=0)
     comfy_host.write_sd15_checkpoint(os.path.join(srv.models_dir, "checkpoints", examples.SD15_CKPT), unet)
-    data = os.path.join(srv.input_dir, examples.TRAIN_FOLDER)
-    os.makedirs(data, exist_ok=True)
-    for i, (rgb, caption) in enumerate((((200, 40, 40), "a red pattern"), ((30, 160, 60), "a green pattern"))):
-        _png(os.path.join(data, f"img{i}.png"), rgb)
-        with open(os.path.join(data, f"img{i}.txt"), "w") as f:
-            f.write(caption)
+    comfy_host.write_training_folder(os.path.join(srv.input_dir, examples.TRAIN_FOLDER))
     srv.start()
     try:
         yield srv
