@@ -518,3 +518,48 @@ def test_full_adapters_installed_work_with_checkpointing_inside_root():
     for n, g in grads.items():
         assert torch.allclose(g, ref[n].grad, atol=1e-6), n
     assert all(not p.requires_grad for p in root.parameters())  # originals back after exit
+
+
+class _KernelChoosingBlock(torch.nn.Module):
+    """Stands for a block whose attention kernel is picked from torch's global SDPA switches: with cuDNN
+    attention allowed it saves a tensor of another shape for backward (as cuDNN's [B, H, L, 1] log-sum-exp
+    against flash's [B, H, L])."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.seen = []
+
+    def forward(self, x):
+        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+        self.seen.append(cudnn)
+        return (x.unsqueeze(-1) * self.w).sum(-1) if cudnn else x * self.w.sum()
+
+
+def test_checkpointed_forward_and_recompute_pick_the_same_attention_kernels():
+    from d2f_core.training.checkpointing import checkpointed
+    x = torch.randn(2, 3, requires_grad=True)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        # The fault: the kernel choice changes between the forward and the recomputation. Plain checkpointing
+        # hands the forward's backward the other kernel's tensors and rejects them.
+        block = _KernelChoosingBlock()
+        out = checkpoint(block, x, use_reentrant=False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        with pytest.raises(torch.utils.checkpoint.CheckpointError):
+            out.sum().backward()
+        # checkpointed(): both passes run with cuDNN attention excluded, whatever the switches say outside.
+        block = _KernelChoosingBlock()
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with checkpointed([block]):
+            out = block(x)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            out.sum().backward()
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            block(x).sum().backward()
+        assert block.seen == [False, False, False, False]  # two forwards, two recomputations
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored outside the blocks
+        torch.testing.assert_close(block.w.grad, 2 * x.detach().sum(0).sum() * torch.ones(3))
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

@@ -3,6 +3,14 @@
 ``checkpointed(modules)`` swaps each module's bound ``forward`` for one that runs under
 ``torch.utils.checkpoint`` (activations recomputed in backward: memory for compute) and restores the
 originals on exit, even after an exception.
+
+The block's forward and its recomputation in backward run under the same attention-kernel choice (cuDNN
+attention excluded, :data:`RECOMPUTABLE_ATTENTION`): non-reentrant checkpointing hands the backward of the
+forward's kernels the tensors that the recomputation produced, so both passes must pick the same kernel.
+Left to itself, scaled_dot_product_attention picked cuDNN attention in the first checkpointed forward of a
+process and flash attention in its recomputation (H100, torch 2.11, SD1.5 at batch 1; flash's philox state and
+log-sum-exp differ in shape from cuDNN's), which checkpointing rejects with a CheckpointError
+(``bench/results/checkpoint_attention_h100.md``).
 """
 
 from __future__ import annotations
@@ -11,6 +19,15 @@ import contextlib
 
 import torch
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# The attention kernels a checkpointed block may use, in torch's own order of preference; the same list in the
+# forward and in the recomputation makes the choice a function of the shapes alone.
+RECOMPUTABLE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _same_attention_kernels():
+    return sdpa_kernel(list(RECOMPUTABLE_ATTENTION)), sdpa_kernel(list(RECOMPUTABLE_ATTENTION))
 
 
 def _checkpointing_forward(forward):
@@ -22,7 +39,8 @@ def _checkpointing_forward(forward):
             return forward(*args, **kwargs)
         # No RNG state saving: the networks we train have no dropout, and reading the CUDA RNG state
         # is not allowed while a CUDA graph is being captured.
-        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False, preserve_rng_state=False)
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False, preserve_rng_state=False,
+                                                 context_fn=_same_attention_kernels)
     return wrapped
 
 
