@@ -228,12 +228,8 @@ def instrumented(record: dict):
 def measure(nodes, model, data, arch, mode, targets, batch, ckpt, graphs, extra, steps, tiny):
     import comfy.model_management as mm
     import torch
-    mm.unload_all_models()
-    mm.soft_empty_cache()
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    baseline = release_all(mm, torch)
     latents, conds = data[0] if not extra else data[1]
     record = {"arch": arch, "mode": mode, "targets": targets, "batch": batch, "checkpointing": ckpt, "graphs": graphs,
               "extra": extra, "error": None}
@@ -254,8 +250,12 @@ def measure(nodes, model, data, arch, mode, targets, batch, ckpt, graphs, extra,
             record["error"] = "out of memory" if "out of memory" in str(exc) else f"error: {str(exc)[:300]}"
     record["wall_s"] = time.perf_counter() - t0
     if cuda:
-        record["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        # What this row itself allocated: anything an earlier row left behind is not its memory.
+        record["baseline_gib"] = baseline / GIB
+        record["peak_gib"] = (torch.cuda.max_memory_allocated() - baseline) / GIB
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        if record.get("steady_gib") is not None:
+            record["steady_gib"] -= baseline / GIB
         record["need_gib"] = max(record["peak_gib"], record.get("steady_gib") or 0.0)
     pre = record.pop("estimate", None)
     if pre is not None:
@@ -266,9 +266,26 @@ def measure(nodes, model, data, arch, mode, targets, batch, ckpt, graphs, extra,
         if available is not None:  # what the node would have decided on this device, empty
             record["auto_would_use_checkpointing"] = not mem.fits(pre.without.total, available)
             record["refused_here"] = (pre.with_ if ckpt else pre.without).total > available
-    mm.unload_all_models()
-    mm.soft_empty_cache()
+    record["left_behind_gib"] = release_all(mm, torch) / GIB if cuda else None
     return record
+
+
+def release_all(mm, torch) -> int:
+    """Unload the host's models and free what the last run held; the bytes still allocated after that.
+
+    A run's CUDA graphs and their private memory pools live as long as the objects that hold them, which sit
+    in reference cycles (trainer ↔ callbacks): without a garbage collection here, one row's graph pools and
+    full-mode tensors were still allocated during the next rows and counted in their peaks."""
+    import gc
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def gpu_rows(args, budget_left):
@@ -367,7 +384,8 @@ def fit(rows, tiny=False):
 def table(rows, title) -> str:
     lines = [title, "",
              "| source | model | mode | targets | batch | ckpt | graphs | buckets | peak GiB | steady GiB | need GiB "
-             "| estimate GiB | error | within 15% |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| estimate GiB | error | within 15% | held before / left after GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         src = f"{r['file']} ({r['commit']})" if r.get("file") else "this run"
         if r.get("note"):
@@ -381,7 +399,8 @@ def table(rows, title) -> str:
                      f"{'on' if r['checkpointing'] else 'off'} | {'on' if r.get('graphs', True) else 'off'} | "
                      f"{2 if r.get('extra') else 1} | {g(r.get('peak_gib', need if r.get('file') else None))} | "
                      f"{g(r.get('steady_gib'))} | {r['error'] if r.get('error') else g(need)} | {g(est)} | "
-                     f"{'-' if err is None else f'{err:+.1%}'} | {'-' if err is None else ('yes' if abs(err) <= 0.15 else 'NO')} |")
+                     f"{'-' if err is None else f'{err:+.1%}'} | {'-' if err is None else ('yes' if abs(err) <= 0.15 else 'NO')} | "
+                     f"{g(r.get('baseline_gib'))} / {g(r.get('left_behind_gib'))} |")
     return "\n".join(lines)
 
 
