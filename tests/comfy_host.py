@@ -425,3 +425,20 @@ def add_model_folder(host: Host, kind: str, path: str) -> str:
     if path not in host.folder_paths.get_folder_paths(kind):
         host.folder_paths.add_model_folder_path(kind, path)
     return path
+
+
+def d2f_train_inputs(host: Host, settings: dict) -> dict:
+    """D2FTrain's inputs for settings named flat, as its files (and its widgets before issue 12) name them:
+    its own widgets stay; each group of its option nodes' settings (D2FTrainAdvanced, D2FScheduledSampling)
+    becomes that node's output, the rest of the group at the node's defaults, on D2FTrain's advanced /
+    scheduled_sampling input: the way an old workflow is migrated (``d2f_host.migrate``)."""
+    from d2f_host import migrate
+
+    out = dict(settings)
+    for option_type, spec in migrate.table()["D2FTrain"]["moved"].items():
+        given = {new: out.pop(old) for old, new in spec["widgets"].items() if old in out}
+        if given:
+            values = {i.id: i.default for i in host.node_class(option_type).GET_SCHEMA().inputs}
+            values.update(given)
+            out[spec["input"]] = host.run1(option_type, **values)
+    return out

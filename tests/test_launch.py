@@ -30,7 +30,7 @@ PER_RANK = 1
 # linear in the gradient. AdamW's first steps, lr·g/(|g| + eps), turn the last-bit differences of gradients near
 # eps (2 ranks sum in another order than one batch of 2) into differences of up to 2% of lr (measured: 1.9e-2 of
 # a LoRA factor's largest value after 2 steps), which says nothing about the launch.
-SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrain", "optimizer", "sgd")]
+SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrainAdvanced", "optimizer", "sgd")]
 
 # Every worker notes its pid; on rank 1, with D2F_TEST_KILL_AFTER set, a thread SIGKILLs the process as soon as a
 # file matching that pattern exists, after noting the time in D2F_TEST_KILLED.
