@@ -73,7 +73,7 @@ def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_eve
     """D2FTrain with the settings both training examples share (LoRA rank 16, checkpointing when memory needs it),
     and its option nodes: D2FTrainAdvanced at its defaults (bf16; where CPU users set fp32), D2FEMA. Returns
     (train, [option nodes]); the caller links them, so each example can add its own."""
-    train = b.node("D2FTrain", size=[400, 600], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
+    train = b.node("D2FTrain", size=[400, 700], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
                    learning_rate=1e-4, rank=16, gradient_checkpointing="auto", seed=0, seed__control="fixed",
                    save_every=save_every, preview_every=preview_every, run_name=run_name, resume_from="")
     advanced = b.node("D2FTrainAdvanced", size=[330, 400], lora_targets="attention", alpha=16.0, loss="diff2flow",
