@@ -431,11 +431,14 @@ def d2f_train_inputs(host: Host, settings: dict) -> dict:
     """D2FTrain's inputs for settings named flat, as its files (and its widgets before issue 12) name them:
     its own widgets stay; each group of its option nodes' settings (D2FTrainAdvanced, D2FScheduledSampling)
     becomes that node's output, the rest of the group at the node's defaults, on D2FTrain's advanced /
-    scheduled_sampling input: the way an old workflow is migrated (``d2f_host.migrate``)."""
-    from d2f_host import migrate
+    scheduled_sampling input: the way an old workflow is migrated (``d2f_host.migrate``, whose table is read
+    here directly: child processes of the tests import this module without the pack's folder on their path)."""
+    import json
 
+    with open(os.path.join(PACK_DIR, "web", "legacy_widgets.json"), encoding="utf-8") as f:
+        moved = json.load(f)["D2FTrain"]["moved"]
     out = dict(settings)
-    for option_type, spec in migrate.table()["D2FTrain"]["moved"].items():
+    for option_type, spec in moved.items():
         given = {new: out.pop(old) for old, new in spec["widgets"].items() if old in out}
         if given:
             values = {i.id: i.default for i in host.node_class(option_type).GET_SCHEMA().inputs}
