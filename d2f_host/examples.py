@@ -69,14 +69,20 @@ def _ksampler(b: WorkflowBuilder, model, positive, negative, latent, *, steps, c
     return ks
 
 
-def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_every, run_name):
-    """D2FTrain with the settings both training examples share (LoRA rank 16, bf16, checkpointing when memory needs it)."""
-    return b.node("D2FTrain", size=[400, 780], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
-                  learning_rate=1e-4, rank=16, lora_targets="attention", alpha=16.0, loss="diff2flow",
-                  time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
-                  optimizer="adamw", gradient_checkpointing="auto", training_dtype="bf16", cuda_graphs=True,
-                  caption_dropout=0.0, seed=0, seed__control="fixed", save_every=save_every,
-                  preview_every=preview_every, run_name=run_name, resume_from="")
+def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_every, run_name, ema_decay):
+    """D2FTrain with the settings both training examples share (LoRA rank 16, checkpointing when memory needs it),
+    and its option nodes: D2FTrainAdvanced at its defaults (bf16; where CPU users set fp32), D2FEMA. Returns
+    (train, [option nodes]); the caller links them, so each example can add its own."""
+    train = b.node("D2FTrain", size=[400, 700], mode="lora", steps=steps, batch_size=batch_size, grad_accumulation=1,
+                   learning_rate=1e-4, rank=16, gradient_checkpointing="auto", seed=0, seed__control="fixed",
+                   save_every=save_every, preview_every=preview_every, run_name=run_name, resume_from="")
+    advanced = b.node("D2FTrainAdvanced", size=[330, 400], lora_targets="attention", alpha=16.0, loss="diff2flow",
+                      time_sampling="uniform", time_shift=1.0, warmup_steps=0, lr_schedule="constant",
+                      optimizer="adamw", training_dtype="bf16", cuda_graphs=True, compile=False, caption_dropout=0.0)
+    b.link(advanced, "advanced", train, "advanced")
+    ema = b.node("D2FEMA", size=[330, 130], decay=ema_decay, warmup=True, dtype="fp32")
+    b.link(ema, "ema", train, "ema")
+    return train, [advanced, ema]
 
 
 def _save_lora_and_loss(b: WorkflowBuilder, train, lora_prefix, loss_prefix):
@@ -246,8 +252,13 @@ def sd15_train_lora(defs):
     empty = b.node("CLIPTextEncode", size=[330, 110], title="Empty prompt (CFG / caption dropout)",
                    color="#322", bgcolor="#533", text="")
     b.link(ckpt_node, "CLIP", empty, "clip")
-    train = _d2f_train(b, steps=500, batch_size=1, save_every=100, preview_every=50,
-                       run_name="d2f_sd15_lora")
+    # EMA over ~100 steps (D2FEMA's advice for runs of a few hundred steps); scheduled sampling shown, off.
+    train, options = _d2f_train(b, steps=500, batch_size=1, save_every=100, preview_every=50,
+                                run_name="d2f_sd15_lora", ema_decay=0.99)
+    ss = b.node("D2FScheduledSampling", size=[330, 180], probability=0.0, ramp="linear", max_offset=0,
+                strategy="uniform", solver_steps=20)
+    b.link(ss, "scheduled_sampling", train, "scheduled_sampling")
+    options.append(ss)
     b.link(patch, "MODEL", train, "model")
     b.link(make, "latents", train, "latents")
     b.link(make, "conditioning", train, "positive")
@@ -267,19 +278,22 @@ def sd15_train_lora(defs):
         "same-name .txt file; kohya-style subfolders (10_name) repeat their images. Refresh (R) and pick the "
         "folder in Load Image-Text. 512×512 images suit SD1.5; other sizes are bucketed by resolution.\n\n"
         "3. Diff2Flow Train minimises the Diff2Flow loss ‖v̂ - (ε - x0)‖² through the flow patch. LoRA rank 16, "
-        "learning rate 1e-4 and 500 steps are a start for 10–50 images. bf16 needs a GPU; on CPU use "
-        "training_dtype fp32. The node draws the loss, samples/s and ETA live while it trains; save_every "
+        "learning rate 1e-4 and 500 steps are a start for 10–50 images. The node draws the loss, samples/s and ETA live while it trains; save_every "
         "writes the LoRA and a resumable state (output/loras, output/d2f_states), preview_every shows a sample "
         "on the node.\n\n"
+        "Options (small nodes left of it): Train Advanced holds the rarely changed settings (bf16 needs a GPU; on "
+        "CPU set its training_dtype to fp32); EMA averages the weights of the last ~100 steps, which the previews "
+        "and saved LoRAs use; Scheduled Sampling is off (probability and max_offset 0): raise both to train on "
+        "the model's own sampling states (corrects exposure bias, one extra forward pass per rollout step).\n\n"
         "4. Save LoRA writes the final LoRA (loras/d2f_sd15_lora…), which the core LoRA loaders read; put "
         "Diff2Flow Patch after the LoRA loader when you use it. Plot Loss Graph saves the loss curve. The "
         "KSampler samples the trained model (already flow-patched) right away.",
-        size=[360, 370], title="Read me: what to set, and why")
+        size=[360, 530], title="Read me: what to set, and why")
     x = b.columns([[ckpt_node, note, data], [patch, make, empty]])
     b.group("Model and data", [ckpt_node, note, data, patch, make, empty])
-    x = b.columns([[train]], x=x + GROUP_GAP)
+    x = b.columns([options, [train]], x=x + GROUP_GAP)
     b.columns([[save_lora, loss, pos, latent], [ks, dec], [save]], x=x + GROUP_GAP)
-    b.group("Train", [train])
+    b.group("Train", options + [train])
     b.group("Save and preview", [save_lora, loss, pos, latent, ks, dec, save])
     return b.to_json()
 
@@ -294,8 +308,8 @@ def sd15_reflow(defs):
     b.link(patch, "MODEL", pairs, "model")
     b.link(pos, "CONDITIONING", pairs, "positive")
     b.link(neg, "CONDITIONING", pairs, "negative")
-    train = _d2f_train(b, steps=1000, batch_size=4, save_every=250, preview_every=100,
-                       run_name="d2f_sd15_reflow")
+    train, options = _d2f_train(b, steps=1000, batch_size=4, save_every=250, preview_every=100,
+                                run_name="d2f_sd15_reflow", ema_decay=0.995)
     b.link(patch, "MODEL", train, "model")
     b.link(pairs, "couplings", train, "couplings")
     save_lora, loss = _save_lora_and_loss(b, train, "loras/d2f_sd15_reflow", "d2f/reflow_loss_graph")
@@ -316,18 +330,19 @@ def sd15_reflow(defs):
         "4. Diff2Flow Train (couplings connected, latents/positive left empty) trains on the straight line "
         "x = (1-σ)·x̂0 + σ·ε' with target ε' - x̂0, ε' being the noise whose line passes through the state the "
         "sampler started from (D(σ_max)·ε). Why: the ODE's curved paths are what need 20+ steps; "
-        "Reflow makes them straight, so 2–4 Euler steps land where the full ODE lands. bf16 needs a GPU; "
-        "on CPU use training_dtype fp32.\n\n"
+        "Reflow makes them straight, so 2–4 Euler steps land where the full ODE lands. Train Advanced holds "
+        "the rarely changed settings (bf16 needs a GPU; on CPU set its training_dtype to fp32); EMA averages "
+        "the weights of the last ~200 steps for the saved LoRAs and the sampler.\n\n"
         "5. KSampler: 4 steps euler + simple on the trained model. CFG 1: the pairs were made with CFG 7, "
         "so the guidance is already in what the model learned. Save LoRA writes loras/d2f_sd15_reflow…; "
         "Plot Loss Graph saves the loss curve.",
         size=[360, 640], title="Read me: what to set, and why")
     x = _model_group(b, [[ckpt_node, note], [patch, pos, neg]])
     x = b.columns([[pairs]], x=x)
-    x = b.columns([[train]], x=x + GROUP_GAP)
+    x = b.columns([options, [train]], x=x + GROUP_GAP)
     b.columns([[save_lora, loss, latent], [ks, dec], [save]], x=x + GROUP_GAP)
     b.group("Reflow pairs", [pairs])
-    b.group("Train", [train])
+    b.group("Train", options + [train])
     b.group("Save and sample (4 steps)", [save_lora, loss, latent, ks, dec, save])
     return b.to_json()
 

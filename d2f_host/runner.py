@@ -257,8 +257,8 @@ def run_prompt(prompt: dict, host: Host | None = None, progress=None, client_id:
 def prepare(workflow, overrides=(), defs: dict | None = None) -> dict:
     """The API prompt for a workflow (path, UI-format dict or API-format dict), overrides applied."""
     data = wf.load(workflow) if isinstance(workflow, (str, os.PathLike)) else workflow
-    prompt = wf.to_api(data, defs if defs is not None else object_info())
-    return wf.apply_overrides(prompt, list(overrides))
+    defs = defs if defs is not None else object_info()
+    return wf.apply_overrides(wf.to_api(data, defs), list(overrides), defs)
 
 
 def run_workflow(workflow, overrides=(), host: Host | None = None, progress=None) -> RunResult:

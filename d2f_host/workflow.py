@@ -197,9 +197,13 @@ def widget_values_by_name(node: dict, node_def: dict) -> dict:
 # UI → API
 # ---------------------------------------------------------------------------------------------
 def to_api(workflow: dict, defs: dict) -> dict:
-    """The API-format prompt the frontend would queue for this UI-format workflow."""
+    """The API-format prompt the frontend would queue for this UI-format workflow (saved by an earlier version of
+    this pack: first moved to its current nodes, as the frontend's ``web/d2f_migrate.js`` does on load)."""
+    from .migrate import migrate_prompt, migrate_workflow  # it builds on this module's widget helpers
+
     if is_api_format(workflow):
-        return copy.deepcopy(workflow)
+        return copy.deepcopy(migrate_prompt(workflow, defs))
+    workflow = migrate_workflow(workflow, defs)
     if (workflow.get("definitions") or {}).get("subgraphs"):
         raise WorkflowError("workflows with subgraphs are not supported by this converter")
     nodes = {n["id"]: n for n in workflow.get("nodes", [])}
@@ -446,10 +450,11 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return selector.strip(), name.strip(), value
 
 
-def apply_overrides(prompt: dict, overrides) -> dict:
+def apply_overrides(prompt: dict, overrides, defs: dict | None = None) -> dict:
     """Set widget inputs of an API prompt in place: ``overrides`` holds (selector, input, value)
     triples or ``SELECTOR.input=value`` strings. Every override must hit at least one node input
-    that holds a value (not a link)."""
+    that holds a value (not a link). With the node definitions, a D2FTrain setting that moved to an
+    option node (``D2FTrain.training_dtype``) is set on that option node, added where there is none."""
     for item in overrides:
         selector, name, value = parse_override(item) if isinstance(item, str) else item
         hits = 0
@@ -461,6 +466,9 @@ def apply_overrides(prompt: dict, overrides) -> dict:
                 continue
             entry["inputs"][name] = value
             hits += 1
+        if not hits and defs is not None:
+            from .migrate import route_override
+            hits = route_override(prompt, selector, name, value, defs)
         if not hits:
             raise WorkflowError(f"override {selector}.{name}: no node matched by id, type or title has a widget '{name}'")
     return prompt

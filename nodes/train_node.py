@@ -18,17 +18,19 @@ from ..d2f_core.training.ema import EMA, split_ema, with_ema
 from ..d2f_core.training.compilation import CompiledNet
 from ..d2f_core.training.graphs import GraphedNet
 from ..d2f_core.training.snapshots import HostSnapshots
-from ..d2f_core.flow.losses import TIME_SAMPLINGS
 from ..d2f_core.training.precision import cast_for_training
-from ..d2f_core.training.scheduled_sampling import RAMPS, STRATEGIES, ScheduledSampling
+from ..d2f_core.training.options import SCHEDULED_SAMPLING_DEFAULTS, AdvancedOptions, scheduled_sampling_flat
+from ..d2f_core.training.scheduled_sampling import ScheduledSampling
 from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
 from ..d2f_core.storage.files import plain_name
 from ..d2f_core.storage.metadata import file_metadata
 from ..d2f_core.storage.state import (architecture_fingerprint, read_state, read_state_meta, resume_mismatches,
                               save_state)
-from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS, NonFiniteLossError, TrainConfig, Trainer
+from ..d2f_core.training.trainer import NonFiniteLossError, TrainConfig, Trainer
 from .reflow_nodes import CouplingsIO
+from .advanced_node import AdvancedOptionsIO
 from .ema_node import EMAOptionsIO
+from .scheduled_sampling_node import ScheduledSamplingIO
 from .file_metadata import describe_training
 from . import memory_check
 from .local_workers import (GPUS_TOOLTIP, gpu_choices, local_world, train_inputs_for_workers, train_worker,
@@ -44,6 +46,25 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def _first(value):
     return value[0] if isinstance(value, list) else value
+
+
+def merged_options(opts: dict, advanced: AdvancedOptions | None, scheduled_sampling: ScheduledSampling | None) -> dict:
+    """D2FTrain's own widget values plus its option nodes' settings, in one flat dict under the settings' names
+    (``lora_targets``, ``ss_probability``, …): what the pre-flight, the run, its workers and its files read.
+    An unconnected option node gives its defaults, which are what D2FTrain always used: the run is the same.
+
+    A setting that moved to an option node refuses to come in flat (only a Python caller can send one; the
+    executor drops inputs a node does not define): silently training with the default instead would be worse."""
+    moved = sorted(set(opts) & (set(AdvancedOptions.names()) | set(scheduled_sampling_flat(SCHEDULED_SAMPLING_DEFAULTS))))
+    if moved:
+        raise TypeError(f"D2FTrain has no input {', '.join(moved)} any more: these settings come from the "
+                        "D2FTrainAdvanced / D2FScheduledSampling nodes (its advanced / scheduled_sampling inputs)")
+    merged = dict(opts)
+    merged.update((advanced or AdvancedOptions()).validate().flat())
+    ss = scheduled_sampling or SCHEDULED_SAMPLING_DEFAULTS
+    ss.validate()
+    merged.update(scheduled_sampling_flat(ss))
+    return merged
 
 
 def run_identity(model, opts: dict) -> dict:
@@ -77,7 +98,8 @@ class D2FTrain(io.ComfyNode):
                 "loaders read and SaveLoRA writes, and the loss history. Never changes the input model. With Reflow "
                 "couplings (D2FReflowPairs) it trains on x = (1-σ)·x̂0 + σ·ε' along each pair's straight line through "
                 "the state its sampler started from (ε' = (D(σ_max)·ε - (1-σ_max)·x̂0)/σ_max): "
-                "straighter paths, good 2–4-step samples."),
+                "straighter paths, good 2–4-step samples. The everyday settings are on the node; the rest come from "
+                "small option nodes on its optional inputs: D2FTrainAdvanced, D2FScheduledSampling, D2FEMA."),
             is_input_list=True,
             inputs=[
                 io.Model.Input("model", tooltip="The ε- or v-prediction model to fine-tune (flow-patched or not)."),
@@ -99,50 +121,11 @@ class D2FTrain(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6,
                                tooltip="Peak learning rate. LoRA: 1e-4; full fine-tune: 1e-5."),
                 io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (lora mode)."),
-                io.Combo.Input("lora_targets", options=["attention", "all"], default="attention",
-                               tooltip="attention: the transformer blocks' linear layers (the usual SD LoRA). all: also "
-                                       "every ResNet convolution and embedding (LoCon-style; larger, slower)."),
-                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
-                               tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank."),
-                io.Combo.Input("loss", options=list(OBJECTIVES), default="diff2flow",
-                               tooltip="diff2flow: flow-velocity loss through the bridge (the paper's objective). "
-                                       "native: plain ε/v MSE (for comparison)."),
-                io.Combo.Input("time_sampling", options=list(TIME_SAMPLINGS), default="uniform",
-                               tooltip="How flow times σ are drawn: uniform, or logit-normal (mid-noise heavy, as in SD3)."),
-                io.Float.Input("time_shift", default=1.0, min=0.05, max=20.0, step=0.05,
-                               tooltip="SD3 time shift s applied to the drawn times; >1 favours high noise."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Linear learning-rate warm-up."),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant",
-                               tooltip="After warm-up: constant, or cosine decay to 0."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
-                               tooltip="adamw (fused on GPU) is the default; sgd uses momentum 0.9."),
                 io.Combo.Input("gradient_checkpointing", options=list(memory_check.CHECKPOINTING_CHOICES),
                                default="auto",
                                tooltip="Recompute activations in backward: much less memory, ~30% slower. auto: on "
                                        "only when the run's estimated memory without it does not fit the GPU (a run "
                                        "that cannot fit even with it stops before loading, saying what to lower)."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Compute precision. bf16 on any recent GPU; fp32 for CPU or debugging."),
-                io.Boolean.Input("cuda_graphs", default=True, advanced=True,
-                                 tooltip="Replay each step's forward/backward as CUDA graphs: much faster at small "
-                                         "batch. Used for LoRA with gradient_checkpointing and compile off, where graphed "
-                                         "training was checked against normal training; elsewhere the step runs "
-                                         "normally. Falls back by itself if capture fails."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a sample on the empty prompt (needs empty_conditioning); keeps CFG working."),
-                io.Float.Input("ss_probability", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
-                               tooltip="Scheduled sampling: probability that a sample is trained on the state the "
-                                       "model's own Euler solver reaches from a few steps earlier (corrects exposure "
-                                       "bias). 0 = off."),
-                io.Combo.Input("ss_ramp", options=list(RAMPS), default="linear", advanced=True,
-                               tooltip="How the scheduled-sampling probability grows from 0 over the run."),
-                io.Int.Input("ss_max_offset", default=0, min=0, max=50, advanced=True,
-                             tooltip="Scheduled sampling: the most solver steps a rollout starts before the training "
-                                     "time (each costs one extra forward pass, no backward). 0 = off."),
-                io.Combo.Input("ss_strategy", options=list(STRATEGIES), default="uniform", advanced=True,
-                               tooltip="How rollout lengths are drawn: uniform, early (short ones likelier), late (long ones likelier)."),
-                io.Int.Input("ss_solver_steps", default=25, min=1, max=1000, advanced=True,
-                             tooltip="The sampler grid whose step size one rollout step takes: the step count you sample with."),
                 io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, tooltip="Seed for noise, times and batches."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
                              tooltip="Also save the LoRA and the resumable state every N steps (0: only at the end). "
@@ -156,13 +139,9 @@ class D2FTrain(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="Continue an earlier run from its state, e.g. d2f_states/d2f_lora_00001/"
                                         "state.safetensors (relative to output/, or an absolute path inside it). It "
-                                        "needs the same model, mode, rank, alpha and lora_targets. The resumed run "
+                                        "needs the same model, mode, rank, alpha and lora_targets (the last two: "
+                                        "D2FTrainAdvanced). The resumed run "
                                         "writes under a new number and leaves that state as it is."),
-                io.Boolean.Input("compile", default=False, advanced=True, optional=True,
-                                 tooltip="torch.compile the UNet's training step: 20–35% faster steps with "
-                                         "gradient_checkpointing off (no gain with it on), after a one-time "
-                                         "compilation of about 2 minutes per resolution: worth it for runs of several "
-                                         "hundred steps. Falls back to normal execution if compilation fails."),
                 io.Combo.Input("gpus", options=gpu_choices(), default="1", advanced=True, optional=True,
                                tooltip=GPUS_TOOLTIP),
                 io.Conditioning.Input("empty_conditioning", optional=True,
@@ -173,6 +152,13 @@ class D2FTrain(io.ComfyNode):
                 EMAOptionsIO.Input("ema", optional=True,
                                    tooltip="From D2FEMA: keep an EMA of the weights; previews, saved LoRAs and the outputs "
                                            "use it. Resuming a state saved without EMA starts it from the resumed weights."),
+                AdvancedOptionsIO.Input("advanced", optional=True,
+                                        tooltip="From D2FTrainAdvanced: LoRA targets and alpha, loss, time sampling, "
+                                                "learning-rate schedule, optimizer, precision, CUDA graphs, compile, "
+                                                "caption dropout. Unconnected: that node's defaults."),
+                ScheduledSamplingIO.Input("scheduled_sampling", optional=True,
+                                          tooltip="From D2FScheduledSampling: train some samples on the states the "
+                                                  "model's own sampler reaches (exposure bias). Unconnected: off."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
@@ -189,9 +175,9 @@ class D2FTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents=None, positive=None, empty_conditioning=None, resume_from=None, couplings=None,
-                **options) -> io.NodeOutput:
+                advanced=None, scheduled_sampling=None, **options) -> io.NodeOutput:
         model = _first(model)
-        opts = {k: _first(v) for k, v in options.items()}
+        opts = merged_options({k: _first(v) for k, v in options.items()}, _first(advanced), _first(scheduled_sampling))
         resume_from = (_first(resume_from) or "").strip()
         # Names and files first: nothing below may start on a name that writes elsewhere or a state that won't fit.
         run_name = plain_name(opts["run_name"], "run_name")
@@ -208,9 +194,8 @@ class D2FTrain(io.ComfyNode):
             time_shift=opts["time_shift"], caption_dropout=opts["caption_dropout"], seed=opts["seed"],
             sync_every=1 if mm.get_torch_device().type == "cpu" else 10,
             scheduled_sampling=ScheduledSampling(
-                probability=opts.get("ss_probability", 0.0), ramp=opts.get("ss_ramp", "linear"),
-                max_offset=opts.get("ss_max_offset", 0), strategy=opts.get("ss_strategy", "uniform"),
-                solver_steps=opts.get("ss_solver_steps", 25)))
+                probability=opts["ss_probability"], ramp=opts["ss_ramp"], max_offset=opts["ss_max_offset"],
+                strategy=opts["ss_strategy"], solver_steps=opts["ss_solver_steps"]))
         config.validate()
 
         # Everything that can be wrong with the inputs fails here, before any GPU work.

@@ -425,3 +425,23 @@ def add_model_folder(host: Host, kind: str, path: str) -> str:
     if path not in host.folder_paths.get_folder_paths(kind):
         host.folder_paths.add_model_folder_path(kind, path)
     return path
+
+
+def d2f_train_inputs(host: Host, settings: dict) -> dict:
+    """D2FTrain's inputs for settings named flat, as its files (and its widgets before issue 12) name them:
+    its own widgets stay; each group of its option nodes' settings (D2FTrainAdvanced, D2FScheduledSampling)
+    becomes that node's output, the rest of the group at the node's defaults, on D2FTrain's advanced /
+    scheduled_sampling input: the way an old workflow is migrated (``d2f_host.migrate``, whose table is read
+    here directly: child processes of the tests import this module without the pack's folder on their path)."""
+    import json
+
+    with open(os.path.join(PACK_DIR, "web", "legacy_widgets.json"), encoding="utf-8") as f:
+        moved = json.load(f)["D2FTrain"]["moved"]
+    out = dict(settings)
+    for option_type, spec in moved.items():
+        given = {new: out.pop(old) for old, new in spec["widgets"].items() if old in out}
+        if given:
+            values = {i.id: i.default for i in host.node_class(option_type).GET_SCHEMA().inputs}
+            values.update(given)
+            out[spec["input"]] = host.run1(option_type, **values)
+    return out

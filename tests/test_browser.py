@@ -27,7 +27,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfy_host  # noqa: E402
 
-from d2f_host import examples, frontend  # noqa: E402
+from d2f_host import examples, frontend, migrate  # noqa: E402
 from d2f_host import workflow as wf  # noqa: E402
 
 PACK_DIR = comfy_host.PACK_DIR
@@ -37,8 +37,8 @@ TRAIN = "d2f_sd15_train_lora"
 
 # what the browser test changes on the loaded training workflow, through the widgets
 TINY_WIDGETS = {
-    "D2FTrain": {"steps": 6, "save_every": 3, "preview_every": 0, "training_dtype": "fp32", "rank": 4,
-                 "alpha": 4, "gradient_checkpointing": "off"},
+    "D2FTrain": {"steps": 6, "save_every": 3, "preview_every": 0, "rank": 4, "gradient_checkpointing": "off"},
+    "D2FTrainAdvanced": {"training_dtype": "fp32", "alpha": 4},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "KSampler": {"steps": 2},
 }
@@ -129,6 +129,49 @@ def test_frontend_loads_saves_and_queues_every_workflow_as_the_converter_does(se
         before = {n["id"]: n.get("widgets_values") for n in data["nodes"]}
         after = {n["id"]: n.get("widgets_values") for n in saved["workflow"]["nodes"]}
         assert after == before, f"{name}: widget values changed on load/save"
+    assert not _find_d2f_errors(page)
+
+
+def _option_nodes_of(workflow: dict, train_id: int) -> dict:
+    """option node type → its widgets_values, for the nodes linked into D2FTrain ``train_id``."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    out = {}
+    for link in wf.links_of(workflow).values():
+        if link.target_id == train_id and nodes[link.origin_id]["type"] in ("D2FTrainAdvanced", "D2FScheduledSampling"):
+            out[nodes[link.origin_id]["type"]] = nodes[link.origin_id]["widgets_values"]
+    return out
+
+
+@pytest.mark.parametrize("changed", [True, False], ids=["moved-settings-changed", "all-at-defaults"])
+def test_frontend_migrates_a_workflow_of_the_previous_version(server, page, changed):
+    """An old D2FTrain (the previous version's 31 positional widget values, moved settings changed) loads with
+    its values on the right widgets and option nodes holding the moved ones, linked to its inputs; the prompt
+    the frontend queues is the one ``d2f run`` makes of the same file (``d2f_host.migrate``). Left at their
+    defaults, the moved settings need no option node."""
+    from test_migrate import CHANGED, LAYOUTS, OLD_DEFAULTS, old_workflow
+
+    defs = server.get_json("/object_info", timeout=60)
+    layout = LAYOUTS[0]["widgets"]
+    values = dict(OLD_DEFAULTS, **(CHANGED if changed else {"steps": 42}))
+    old = old_workflow(values, layout)
+    old["nodes"][0]["widgets_values"] = [examples.SD15_CKPT]
+    saved = frontend.load_and_serialize(page, old, "old_d2f_train")
+    assert saved["output"] == wf.to_api(old, defs), "the frontend queues another prompt than d2f run"
+    train = next(n for n in saved["workflow"]["nodes"] if n["type"] == "D2FTrain")
+    current = [w.name for w in wf.widget_specs(defs["D2FTrain"])]
+    assert train["widgets_values"] == [values[n] for n in current]
+    options = _option_nodes_of(saved["workflow"], train["id"])
+    if not changed:
+        assert options == {}
+        return
+    moved = migrate.table()["D2FTrain"]["moved"]
+    for typ, spec in moved.items():
+        names = [w.name for w in wf.widget_specs(defs[typ])]
+        by_new = {new: values[old] for old, new in spec["widgets"].items()}
+        assert options[typ] == [by_new[n] for n in names], typ
+    # saved again, the migrated workflow loads as it is (nothing left to migrate)
+    again = frontend.load_and_serialize(page, saved["workflow"], "old_d2f_train_again")
+    assert again["output"] == saved["output"]
     assert not _find_d2f_errors(page)
 
 

@@ -24,6 +24,7 @@ from d2f_core.flow.losses import sample_sigmas
 from d2f_core.training.scheduled_sampling import ScheduledSampling
 from d2f_core.flow.schedule import DiscreteSchedule
 from d2f_core.training.trainer import TrainConfig, Trainer
+import comfy_host
 from float64_guard import Float64Guard
 
 SD = DiscreteSchedule.stable_diffusion()
@@ -286,7 +287,7 @@ def _d2f_train(host, model, **overrides):
     gen = torch.Generator().manual_seed(4)
     latents = [{"samples": 4.0 * torch.randn(1, 4, 8, 8, generator=gen)} for _ in range(2)]
     positive = [[[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(2)]
-    inputs = {k: [v] for k, v in opts.items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, opts).items()}
     inputs.update(model=[model], latents=latents, positive=positive)
     return host.run("D2FTrain", **inputs)
 
@@ -299,8 +300,6 @@ def test_d2f_train_steps_make_no_float64(host, host_models, kind, extra):
     """D2FTrain (LoRA, fp32, CPU) with a preview sample at the end, under the guard."""
     from comfy_api.latest import io  # noqa: F401  (the host is booted: its API is importable)
 
-    schema = {i.id for i in host.node_class("D2FTrain").GET_SCHEMA().inputs}
-    extra = {k: v for k, v in extra.items() if k in schema}
     with Float64Guard(host.pack_module_path, host_dirs=(host.path,), allow_table_building=True) as guard:
         out = _d2f_train(host, host_models[kind], **extra)
     assert out[0] is not None and not guard.violations

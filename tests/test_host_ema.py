@@ -35,7 +35,7 @@ def ema_options(host, decay=BETA, warmup=False, dtype="fp32"):
 
 def train_with_ema(host, model, latents, positive, options, resume_from=None, **overrides) -> Trained:
     """``test_host_train.train`` with D2FEMA's output on D2FTrain's ema input (every input a list)."""
-    inputs = {k: [v] for k, v in train_options(host, **overrides).items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, train_options(host, **overrides)).items()}
     inputs.update(model=[model], latents=list(latents), positive=list(positive), ema=[options])
     if resume_from is not None:
         inputs["resume_from"] = [resume_from]

@@ -63,7 +63,7 @@ def dataset(n: int = 4, size=(8, 8), seed=0):
 def train(host, model, data, **overrides):
     """D2FTrain as the executor runs an is_input_list node: every input a list."""
     latents, positive = data
-    inputs = {k: [v] for k, v in options(host, **overrides).items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, options(host, **overrides)).items()}
     inputs.update(model=[model], latents=list(latents), positive=list(positive))
     return host.run("D2FTrain", **inputs)
 

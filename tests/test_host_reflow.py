@@ -264,7 +264,8 @@ def train(host, model, **inputs):
     opts = {i.id: i.default for i in schema.inputs if not i.optional and getattr(i, "default", None) is not None}
     opts.update(TRAIN)
     opts.update(inputs)
-    return host.run("D2FTrain", model=[model], **{k: v if k == "couplings" else [v] for k, v in opts.items()})
+    return host.run("D2FTrain", model=[model], **{k: v if k == "couplings" else [v]
+                                                  for k, v in comfy_host.d2f_train_inputs(host, opts).items()})
 
 
 def test_train_on_couplings_uses_each_pairs_noise_through_its_start(host, sd15_model, prompts, mods, monkeypatch):

@@ -121,7 +121,7 @@ def train_options(host, **overrides) -> dict:
 
 def train(host, model, latents, positive, empty=None, resume_from=None, **overrides) -> Trained:
     """Run D2FTrain as the executor does for an is_input_list node: every input a list."""
-    inputs = {k: [v] for k, v in train_options(host, **overrides).items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, train_options(host, **overrides)).items()}
     inputs.update(model=[model], latents=list(latents), positive=list(positive))
     if empty is not None:
         inputs["empty_conditioning"] = [empty]

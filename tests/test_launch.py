@@ -30,7 +30,7 @@ PER_RANK = 1
 # linear in the gradient. AdamW's first steps, lr·g/(|g| + eps), turn the last-bit differences of gradients near
 # eps (2 ranks sum in another order than one batch of 2) into differences of up to 2% of lr (measured: 1.9e-2 of
 # a LoRA factor's largest value after 2 steps), which says nothing about the launch.
-SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrain", "optimizer", "sgd")]
+SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrainAdvanced", "optimizer", "sgd")]
 
 # Every worker notes its pid; on rank 1, with D2F_TEST_KILL_AFTER set, a thread SIGKILLs the process as soon as a
 # file matching that pattern exists, after noting the time in D2F_TEST_KILLED.
@@ -140,7 +140,9 @@ def test_two_ranks_train_the_lora_one_process_trains_with_twice_the_batch(host, 
                               "loras/d2f_sd15_lora_4_steps_00002_.safetensors",
                               "d2f/trained_preview_00001_.png"]), written
     # each output node ran once (the loss graph is a preview: shown, not saved in output/)
-    assert proc.stderr.count("Plot Loss Graph (#8)") == 1 and proc.stderr.count("Save LoRA Weights (#7)") == 1, proc.stderr
+    ids = {n["type"]: n["id"] for n in wf.load(path_of(TRAIN))["nodes"]}
+    assert proc.stderr.count(f"Plot Loss Graph (#{ids['LossGraphNode']})") == 1, proc.stderr
+    assert proc.stderr.count(f"Save LoRA Weights (#{ids['SaveLoRA']})") == 1, proc.stderr
     with safe_open(str(out / "loras" / f"{RUN_NAME}_00001_000004_steps.safetensors"), "pt") as f:
         settings = json.loads(f.metadata()["diff2flow.settings"])
     assert (settings["batch_size"], settings["processes"]) == (PER_RANK, 2), settings  # the file says its global batch

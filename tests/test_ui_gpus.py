@@ -31,7 +31,7 @@ PACK_DIR = comfy_host.PACK_DIR
 TRAIN = "d2f_sd15_train_lora"
 RUN_NAME = "d2f_sd15_lora"  # the workflow's D2FTrain run_name
 # As tests/test_launch.py: a seed of its own, and SGD (AdamW's first steps magnify last-bit gradient differences).
-SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrain", "optimizer", "sgd")]
+SETTINGS = [("D2FTrain", "seed", 7), ("D2FTrainAdvanced", "optimizer", "sgd")]
 
 
 @pytest.fixture(scope="module")
