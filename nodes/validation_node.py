@@ -79,7 +79,8 @@ class D2FValidation(io.ComfyNode):
                 io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Guidance scale of the grid's samples; needs D2FTrain's empty_conditioning "
                                        "(without it, or at 1, no guidance)."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1,
+                # never randomized after a run: a changed seed would make the curve's points incomparable
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Fixes the held-out noise, the grid's noise and the holdout split."),
                 io.Int.Input("images", default=2, min=0, max=16,
                              tooltip="Held-out items sampled in the grid (its rows); 0: no grid."),

@@ -249,6 +249,8 @@ ADD_VALIDATION_JS = """
     if (!w) throw new Error(`D2FValidation has no widget ${name}`);
     w.value = value;
   }
+  const control = node.widgets.find(w => w.name === 'control_after_generate');
+  if (control && control.value !== 'fixed') throw new Error(`D2FValidation's seed is set to change: ${control.value}`);
   const slot = train.findInputSlot('validation');
   if (slot < 0) throw new Error('D2FTrain has no validation input');
   node.connect(0, train, slot);

@@ -190,3 +190,43 @@ def test_split_of_a_single_item_is_refused_before_training(host, sd15_model):
     latents, positive = dataset(1)
     with pytest.raises(ValueError, match="at least 2 training items"):
         run_train(host, sd15_model, validation(host), latents, positive, steps=1, run_name="valid_one")
+
+
+def test_validation_uses_the_ema_weights(host, sd15_model, pack, mods, monkeypatch, events):
+    """With D2FEMA on, the validator runs on θ_ema (swapped in), and training goes on with θ afterwards."""
+    node, _ = mods
+    seen = []
+    real_call, real_run = node.ValidationRun.__call__, node.Validator.run
+
+    def call(self, step):
+        seen.append({"train": self.run.adapters.state_tensors(), "ema": self.run.ema.state_tensors()})
+        real_call(self, step)
+        seen[-1]["after"] = self.run.adapters.state_tensors()
+
+    def run(self, step):
+        seen[-1]["inside"] = {k: v.detach().clone() for k, v in pack.train_node.TrainingRun._current.adapters
+                              .named_trainables().items()}
+        return real_run(self, step)
+
+    real_init = pack.train_node.TrainingRun.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        pack.train_node.TrainingRun._current = self
+    monkeypatch.setattr(pack.train_node.TrainingRun, "__init__", init)
+    monkeypatch.setattr(node.ValidationRun, "__call__", call)
+    monkeypatch.setattr(node.Validator, "run", run)
+    latents, positive = dataset(3, seed=16)
+    inputs = {k: [v] for k, v in train_options(host, steps=STEPS, batch_size=2, learning_rate=1e-2,
+                                                  run_name="valid_ema").items()}
+    inputs.update(model=[sd15_model], latents=list(latents), positive=list(positive),
+                  validation=[validation(host, images=0)],
+                  ema=[host.run1("D2FEMA", decay=0.5, warmup=False, dtype="fp32")])
+    host.run("D2FTrain", **inputs)
+    assert [len(s) for s in seen] == [4, 4]
+    for s in seen:
+        for k in s["ema"]:
+            assert torch.equal(s["inside"][k], s["ema"][k]), k  # validated on θ_ema
+            assert torch.equal(s["after"][k], s["train"][k]), k  # θ back for training
+        assert any(not torch.equal(s["ema"][k], s["train"][k]) for k in s["ema"])  # teeth: θ_ema ≠ θ
+    monkeypatch.delattr(pack.train_node.TrainingRun, "_current", raising=False)
