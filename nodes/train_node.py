@@ -38,6 +38,7 @@ from .local_workers import (GPUS_TOOLTIP, gpu_choices, local_world, train_inputs
 from .run_files import WHERE, RunFiles, resume_state_path
 from .train_inputs import assemble_buckets, bridge_sampling_of, coupling_buckets_for, empty_prompt_kwargs
 from .ui_events import TrainingReporter
+from .validation_node import ValidationIO, ValidationRun, plan_validation
 
 CATEGORY = "Diff2Flow"
 CHECKPOINT_BLOCKS = ("ResBlock", "SpatialTransformer")
@@ -159,6 +160,10 @@ class D2FTrain(io.ComfyNode):
                 ScheduledSamplingIO.Input("scheduled_sampling", optional=True,
                                           tooltip="From D2FScheduledSampling: train some samples on the states the "
                                                   "model's own sampler reaches (exposure bias). Unconnected: off."),
+                ValidationIO.Input("validation", optional=True,
+                                   tooltip="From D2FValidation: every N steps and at the end, a held-out loss (second "
+                                           "chart series), a fixed-seed sample grid saved in the run's folder and, "
+                                           "for Reflow, straightness. Its time is not counted in samples/s."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
@@ -205,6 +210,7 @@ class D2FTrain(io.ComfyNode):
         buckets = assemble_buckets(model, latents, positive) if has_images or not couplings else []
         if couplings:
             buckets += coupling_buckets_for(model, couplings)
+        buckets, opts["validation"] = plan_validation(model, opts.get("validation"), buckets)  # may hold some out
         empty = empty_prompt_kwargs(model, _first(empty_conditioning), buckets[0][0].shape[1:])
         if config.caption_dropout > 0 and empty is None:
             raise ValueError("caption_dropout needs the empty prompt: connect empty_conditioning (CLIP Text Encode of '').")
@@ -270,6 +276,7 @@ class TrainingRun:
         self.resumed_from: str | None = None
         self.ema_options = opts.get("ema")  # D2FEMA's options, or None
         self.ema: EMA | None = None
+        self.validation: ValidationRun | None = None  # rank 0's, when D2FValidation is connected
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, step: int) -> str:
@@ -431,6 +438,9 @@ class TrainingRun:
 
         blocks = blocks_by_class_name(unet, CHECKPOINT_BLOCKS) if self.opts["gradient_checkpointing"] else []
         main = self.dist.is_main
+        plan = self.opts.get("validation")
+        if plan is not None and main:  # rank 0 validates; under DDP the others wait at the next collective
+            self.validation = ValidationRun(self, plan)
         if main:
             self.reporter.started(start)
         read_out["step"] = start
@@ -448,6 +458,7 @@ class TrainingRun:
                     start_step=start, should_stop=self.reporter.should_stop, on_progress=progress,
                     on_save=self.save, save_every=self.opts["save_every"],
                     on_preview=self.preview, preview_every=self.opts["preview_every"],
+                    on_validate=self.validation, validate_every=plan.options.every_n_steps if plan else 0,
                     # the stop button also raises from inside the UNet (comfy.ops checks the flag in every layer)
                     stop_exceptions=(mm.InterruptProcessingException,))
             status, step_done = result.status, result.step
@@ -475,7 +486,10 @@ class TrainingRun:
                 self.save(step_done)
             self.reporter.finished(step_done, status)
         with self.ema_weights():
-            return io.NodeOutput(self._trained_model(), self.adapters.export(), {"loss": result.losses}, step_done)
+            loss_map = {"loss": result.losses}
+            if self.validation is not None:
+                loss_map.update(self.validation.history.loss_map())
+            return io.NodeOutput(self._trained_model(), self.adapters.export(), loss_map, step_done)
 
     def restore(self, state: dict) -> None:
         """Put a snapshot back: the trained tensors, and the EMA when the run keeps one."""

@@ -1,5 +1,5 @@
 """What a training run shows while it runs: the node's progress bar and previews, and ``d2f.train``
-messages (step, losses, samples/s, ETA, last save) that the web extension draws as a live chart."""
+messages (step, losses, samples/s, ETA, last save, validation points) that the web extension draws as a live chart."""
 
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ class TrainingReporter:
             logging.warning(f"D2FTrain preview failed: {exc}")
             return
         self._update_bar(step, image)
+
+    def validation(self, step: int, **info):
+        """A validation point (``validation_node``): held-out loss, straightness or None, its seconds (apart from
+        training samples/s), the grid PNG's /view parameters or None, the step counts skipped by the time cap."""
+        self._event("validation", step=step, **info)
 
     def finished(self, step: int, status: str):
         self._event("done", step=step, status=status, last_save=self.last_save)

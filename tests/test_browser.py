@@ -274,3 +274,81 @@ def test_training_workflow_from_template_browser_draws_live_loss_chart(server, p
     assert any(img.get("type") == "output" for out in outputs.values() for img in out.get("images", [])), outputs
     assert not _find_d2f_errors(page)
     print(f"browser training test: {time.monotonic() - t0:.1f} s; screenshots in {shots}")
+
+
+VALIDATION_WIDGETS = {"every_n_steps": 3, "loss_times": 2, "grid_steps": "1,2,4", "images": 2, "cfg": 3.0,
+                      "max_seconds": 0.0}
+DOCS_SHOT = os.path.join(PACK_DIR, "docs", "validation_chart_and_grid.png")
+
+ADD_VALIDATION_JS = """
+(widgets) => {
+  const g = window.app.rootGraph || window.app.graph;
+  const train = g._nodes.find(n => n.type === 'D2FTrain');
+  const node = window.LiteGraph.createNode('D2FValidation');
+  node.pos = [train.pos[0] - node.size[0] - 40, train.pos[1] + train.size[1] - node.size[1]];
+  g.add(node);
+  for (const [name, value] of Object.entries(widgets)) {
+    const w = node.widgets.find(w => w.name === name);
+    if (!w) throw new Error(`D2FValidation has no widget ${name}`);
+    w.value = value;
+  }
+  const control = node.widgets.find(w => w.name === 'control_after_generate');
+  if (control && control.value !== 'fixed') throw new Error(`D2FValidation's seed is set to change: ${control.value}`);
+  const slot = train.findInputSlot('validation');
+  if (slot < 0) throw new Error('D2FTrain has no validation input');
+  node.connect(0, train, slot);
+  window.app.canvas.setDirty(true, true);
+  return train.inputs[slot].link !== null;
+}
+"""
+
+
+def test_validation_draws_second_series_and_grid_on_the_node(server, page, shots):
+    """D2FValidation on the training workflow (one of its two images held out): the held-out loss appears as a
+    second chart series at steps 3 and 6, the status line reports validation seconds apart from samples/s, and
+    the latest validation grid (rows: images, columns: 1, 2, 4 steps) is shown on the node, loaded from the
+    PNG the run saved. The screenshot goes to docs/validation_chart_and_grid.png for the README."""
+    data = wf.load(os.path.join(WORKFLOW_DIR, f"{TRAIN}.json"))
+    page.evaluate("async ([w, n]) => { await window.app.loadGraphData(w, true, true, n); }", [data, TRAIN])
+    frontend.close_dialogs(page)
+    page.evaluate(_set_widgets_js(), TINY_WIDGETS)
+    assert page.evaluate(ADD_VALIDATION_JS, VALIDATION_WIDGETS), "D2FValidation could not be connected"
+
+    before = set(server.get_json("/history"))
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    deadline = time.monotonic() + 360
+    entry = None
+    while time.monotonic() < deadline:
+        entry = _history_status(server, before)
+        if entry and entry.get("status", {}).get("completed") is not None and entry["status"].get("status_str"):
+            break
+        time.sleep(1.0)
+    assert entry, f"the prompt did not finish; server log:\n{server.log_tail(40)}"
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+    page.wait_for_function("() => document.querySelector('.d2f-train-panel')?.dataset.status === 'done'", timeout=30_000)
+    page.wait_for_function("() => { const i = document.querySelector('.d2f-validation-grid'); "
+                           "return i && i.complete && i.naturalWidth > 0 && "
+                           "document.querySelector('.d2f-validation-panel')?.dataset.step === '6'; }", timeout=30_000)
+    chart = page.locator(".d2f-loss-chart")
+    assert chart.get_attribute("data-val-points") == "2", chart.get_attribute("data-val-points")
+    assert int(chart.get_attribute("data-points")) == 6
+    runs = page.evaluate("() => Array.from(window.__d2fBridge.runs.values()).map(r => r.val.map(p => p.step))")
+    assert [3, 6] in runs, runs
+    status = page.locator(".d2f-train-status").inner_text()
+    assert "held-out" in status and "validation" in status and " s" in status, status
+    caption = page.locator(".d2f-validation-caption").inner_text()
+    assert "step 6" in caption and "1, 2, 4" in caption, caption
+    size = page.evaluate("() => { const i = document.querySelector('.d2f-validation-grid'); "
+                         "return [i.naturalWidth, i.naturalHeight]; }")
+    assert size[0] == 3 * size[1], size  # 3 columns × 1 row (one of the two images is held out) of square cells
+
+    states = os.path.join(server.output_dir, "d2f_states")
+    pngs = sorted(f for d in os.listdir(states) for f in os.listdir(os.path.join(states, d)) if f.endswith(".png"))
+    assert "validation_000003_steps.png" in pngs and "validation_000006_steps.png" in pngs, pngs
+
+    frontend.frame(page, ["D2FTrain", "D2FValidation"])
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(shots / "06_validation_chart_and_grid.png"))
+    os.makedirs(os.path.dirname(DOCS_SHOT), exist_ok=True)
+    shutil.copy(shots / "06_validation_chart_and_grid.png", DOCS_SHOT)
+    assert not _find_d2f_errors(page)

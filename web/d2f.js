@@ -1,7 +1,9 @@
 // Diff2Flow Bridge — frontend extension (plain ES module, no build step).
 //
 // * D2FTrain: a live loss chart and a status line (step/total, samples/s, ETA, last save), fed by the
-//   server's `d2f.train` messages (kinds start / progress / saved / done), matched to the node by id.
+//   server's `d2f.train` messages (kinds start / progress / saved / validation / done), matched to the node by
+//   id. With D2FValidation connected: the held-out loss as a second series, Reflow straightness on its own
+//   right-hand scale, validation seconds apart from samples/s, and the latest validation grid under the chart.
 // * D2FFlowPatch: after the node ran, a read-out of what the patch did (prediction type, σ range),
 //   from the node's UI output `d2f_flow_patch`.
 //
@@ -14,6 +16,8 @@ import { api } from "../../scripts/api.js";
 const EXTENSION = "diff2flow.bridge";
 const CHART_HEIGHT = 170;
 const READOUT_HEIGHT = 58;
+const GRID_HEIGHT = 190;
+const COLORS = { raw: "rgba(110,160,255,0.45)", ema: "#ffb347", val: "#5fd38d", straight: "#c792ea" };
 
 // ComfyUI serves this folder twice (once per name the pack declares: WEB_DIRECTORY and
 // pyproject [tool.comfy] web), so this module can be evaluated twice. Register once.
@@ -27,7 +31,8 @@ const runs = new Map();
 function runFor(nodeId) {
   const key = String(nodeId);
   if (!runs.has(key)) {
-    runs.set(key, { losses: [], startStep: 0, step: 0, total: 0, sps: null, eta: null, lastSave: null, status: "idle" });
+    runs.set(key, { losses: [], startStep: 0, step: 0, total: 0, sps: null, eta: null, lastSave: null, status: "idle",
+                    val: [], straight: [], valSeconds: 0, grid: null, gridStep: null, skipped: [] });
   }
   return runs.get(key);
 }
@@ -66,6 +71,9 @@ function statusText(run) {
   if (run.sps) parts.push(`${run.sps.toFixed(2)} samples/s`);
   if (run.status === "running") parts.push(`ETA ${fmtSeconds(run.eta)}`);
   if (run.losses.length) parts.push(`loss ${run.losses[run.losses.length - 1].toPrecision(4)}`);
+  const lastVal = run.val.length ? run.val[run.val.length - 1] : null;
+  if (lastVal && lastVal.loss !== null) parts.push(`held-out ${lastVal.loss.toPrecision(4)}`);
+  if (run.val.length) parts.push(`validation ${run.valSeconds.toFixed(1)} s`);
   if (run.lastSave) parts.push(`saved ${baseName(run.lastSave)}`);
   if (run.status !== "running") parts.unshift(run.status === "done" ? "done" : run.status);
   return parts.join(" · ");
@@ -87,19 +95,25 @@ function drawChart(canvas, run) {
   ctx.fillStyle = "#1b1b1f";
   ctx.fillRect(0, 0, w, h);
   const pad = { l: 44, r: 8, t: 8, b: 16 };
+  const losses = run.losses.filter((v) => isFinite(v));
+  const val = run.val.filter((p) => p.loss !== null && isFinite(p.loss));
+  const straight = run.straight.filter((p) => p.value !== null && isFinite(p.value));
+  canvas.dataset.points = String(losses.length);
+  canvas.dataset.valPoints = String(val.length);
+  canvas.dataset.straightPoints = String(straight.length);
+  if (straight.length) pad.r = 34;  // room for straightness's own scale
   const pw = w - pad.l - pad.r, ph = h - pad.t - pad.b;
   ctx.strokeStyle = "#444";
   ctx.lineWidth = 1;
   ctx.strokeRect(pad.l + 0.5, pad.t + 0.5, pw, ph);
   ctx.font = "10px sans-serif";
   ctx.fillStyle = "#999";
-  const losses = run.losses.filter((v) => isFinite(v));
-  canvas.dataset.points = String(losses.length);
-  if (!losses.length) {
+  if (!losses.length && !val.length) {
     ctx.fillText("loss", pad.l + 6, pad.t + 14);
     return;
   }
-  let lo = Math.min(...losses), hi = Math.max(...losses);
+  const all = losses.concat(val.map((p) => p.loss));
+  let lo = Math.min(...all), hi = Math.max(...all);
   if (hi - lo < 1e-12) { hi += 1e-6; lo -= 1e-6; }
   const n = losses.length;
   const totalSteps = Math.max(run.total - run.startStep, n, 2);
@@ -114,7 +128,7 @@ function drawChart(canvas, run) {
   ctx.fillText(`${run.total}`, pad.l + pw, h - 3);
   ctx.textAlign = "left";
   // raw losses
-  ctx.strokeStyle = "rgba(110,160,255,0.45)";
+  ctx.strokeStyle = COLORS.raw;
   ctx.beginPath();
   losses.forEach((v, i) => (i ? ctx.lineTo(x(i), y(v)) : ctx.moveTo(x(i), y(v))));
   if (n === 1) ctx.arc(x(0), y(losses[0]), 2, 0, 2 * Math.PI);
@@ -122,7 +136,7 @@ function drawChart(canvas, run) {
   // exponential moving average
   const beta = n > 20 ? 0.9 : 0.6;
   let ema = losses[0];
-  ctx.strokeStyle = "#ffb347";
+  ctx.strokeStyle = COLORS.ema;
   ctx.lineWidth = 2;
   ctx.beginPath();
   losses.forEach((v, i) => {
@@ -130,6 +144,53 @@ function drawChart(canvas, run) {
     i ? ctx.lineTo(x(i), y(ema)) : ctx.moveTo(x(i), y(ema));
   });
   ctx.stroke();
+  // held-out loss (D2FValidation): the value after step s sits where training loss s does
+  const xs = (step) => x(step - run.startStep - 1);
+  drawSeries(ctx, val.map((p) => [xs(p.step), y(p.loss)]), COLORS.val, []);
+  // straightness on its own scale, 0 at the bottom
+  if (straight.length) {
+    const top = Math.max(...straight.map((p) => p.value)) * 1.1 || 1;
+    const ys = (v) => pad.t + ph - (ph * v) / top;
+    drawSeries(ctx, straight.map((p) => [xs(p.step), ys(p.value)]), COLORS.straight, [4, 3]);
+    ctx.fillStyle = COLORS.straight;
+    ctx.textAlign = "left";
+    ctx.fillText(top.toPrecision(2), pad.l + pw + 3, pad.t + 8);
+    ctx.fillText("0", pad.l + pw + 3, pad.t + ph);
+  }
+  drawLegend(ctx, pad.l + pw - 4, pad.t + 12, [["train", COLORS.raw], ["smoothed", COLORS.ema]]
+    .concat(val.length ? [["held-out", COLORS.val]] : [])
+    .concat(straight.length ? [["straightness", COLORS.straight]] : []));
+}
+
+function drawSeries(ctx, points, color, dash) {
+  if (!points.length) return;
+  ctx.strokeStyle = color;
+  ctx.fillStyle = color;
+  ctx.lineWidth = 2;
+  ctx.setLineDash(dash);
+  ctx.beginPath();
+  points.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+  ctx.stroke();
+  ctx.setLineDash([]);
+  for (const [px, py] of points) {
+    ctx.beginPath();
+    ctx.arc(px, py, 2.5, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+}
+
+// Right-aligned legend, one line per series: a colour swatch and its name.
+function drawLegend(ctx, right, top, entries) {
+  ctx.font = "10px sans-serif";
+  ctx.textAlign = "right";
+  entries.forEach(([label, color], i) => {
+    const yy = top + 12 * i;
+    ctx.fillStyle = "#bbb";
+    ctx.fillText(label, right - 14, yy);
+    ctx.fillStyle = color;
+    ctx.fillRect(right - 10, yy - 6, 10, 4);
+  });
+  ctx.textAlign = "left";
 }
 
 function makePanel(className) {
@@ -156,6 +217,35 @@ function addTrainingWidget(node) {
   refreshNode(node);
 }
 
+// The latest validation grid (rows: images, columns: step counts), a PNG in the run's folder under output/.
+function showValidationGrid(node, run) {
+  if (!run.grid) return;
+  if (!node.d2fGrid) {
+    const root = makePanel("d2f-validation-panel");
+    const caption = document.createElement("div");
+    caption.className = "d2f-validation-caption";
+    caption.style.cssText = "flex:0 0 auto;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;";
+    const img = document.createElement("img");
+    img.className = "d2f-validation-grid";
+    img.style.cssText = "flex:1 1 auto;min-height:0;width:100%;object-fit:contain;image-rendering:pixelated;" +
+      "background:#1b1b1f;border-radius:4px;";
+    root.append(caption, img);
+    addDisplayWidget(node, "d2f_validation_grid", root, GRID_HEIGHT);
+    node.d2fGrid = { root, caption, img };
+    fitNode(node);
+  }
+  const g = run.grid;
+  const params = new URLSearchParams({ filename: g.filename, subfolder: g.subfolder || "", type: g.type || "output" });
+  const src = api.apiURL(`/view?${params}`);
+  if (node.d2fGrid.img.dataset.src !== src) {
+    node.d2fGrid.img.dataset.src = src;
+    node.d2fGrid.img.src = src;
+  }
+  node.d2fGrid.root.dataset.step = String(run.gridStep);
+  const skipped = run.skipped.length ? ` · skipped ${run.skipped.join(", ")} (time cap)` : "";
+  node.d2fGrid.caption.textContent = `validation grid, step ${run.gridStep} · columns: ${g.steps.join(", ")} steps${skipped}`;
+}
+
 // Grow (never shrink) a node to what its widgets need: a saved size may predate our widgets.
 function fitNode(node) {
   const sz = node.computeSize?.();
@@ -171,6 +261,7 @@ function refreshNode(node) {
   node.d2fChart.root.dataset.status = run.status;
   node.d2fChart.root.dataset.step = String(run.step);
   drawChart(node.d2fChart.canvas, run);
+  showValidationGrid(node, run);
   node.setDirtyCanvas?.(true, true);
 }
 
@@ -197,6 +288,20 @@ function onTrainEvent(event) {
       run.eta = null;
       run.lastSave = null;
       run.status = "running";
+      run.val = [];
+      run.straight = [];
+      run.valSeconds = 0;
+      run.skipped = [];
+      break;
+    case "validation":
+      run.val.push({ step: d.step, loss: d.loss === null ? null : Number(d.loss) });
+      if (d.straightness !== null && d.straightness !== undefined) run.straight.push({ step: d.step, value: Number(d.straightness) });
+      if (typeof d.total_seconds === "number") run.valSeconds = d.total_seconds;
+      run.skipped = Array.isArray(d.skipped) ? d.skipped : [];
+      if (d.grid) {
+        run.grid = d.grid;
+        run.gridStep = d.step;
+      }
       break;
     case "progress":
       run.status = "running";

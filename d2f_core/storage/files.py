@@ -187,6 +187,20 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     (``metadata.py``), checked before anything is written."""
     if metadata is not None:
         check_metadata(metadata)
+    return _atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                                                     tmp, metadata=metadata), replace)
+
+
+def atomic_write_bytes(data: bytes, path: str, *, replace: bool = False) -> str:
+    """``atomic_save`` for a file's bytes (e.g. a PNG): complete or absent, never replacing another's file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return _atomic_write(path, write, replace)
+
+
+def _atomic_write(path: str, write, replace: bool) -> str:
+    """Temp file in the destination's folder, ``write(tmp)``, fsync, publish (module docstring)."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -194,7 +208,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
         raise _exists_error(path)
     tmp = _new_temp(path)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         _fsync(tmp)  # the data is on disk before the name points at it
         _publish(tmp, path, replace)
     except BaseException as exc:

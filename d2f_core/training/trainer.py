@@ -100,12 +100,14 @@ class TrainResult:
     step: int                      # optimizer steps done in total (including a resumed run's)
     losses: list[float] = field(default_factory=list)   # one per optimizer step of this run
     status: str = "done"           # done | interrupted
-    seconds: float = 0.0
+    seconds: float = 0.0           # wall time of the run, validation included
     samples: int = 0
+    validation_seconds: float = 0.0  # time spent in ``on_validate``: not training, excluded from the throughput
 
     @property
     def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
+        training = self.seconds - self.validation_seconds
+        return self.samples / training if training > 0 else 0.0
 
 
 class Trainer:
@@ -122,7 +124,7 @@ class Trainer:
     ``dist``: this process's rank in a data-parallel group (None: one process). ``config.batch_size`` is then
     per rank, the global batch of a step ``batch_size · world_size · grad_accumulation``. The ranks must start
     from the same weights and optimizer state; they stay identical because every rank applies the same
-    averaged gradient. Only rank 0 calls ``on_progress`` / ``on_save`` / ``on_preview``.
+    averaged gradient. Only rank 0 calls ``on_progress`` / ``on_save`` / ``on_preview`` / ``on_validate``.
 
     ``ema``: an :class:`~d2f_core.training.ema.EMA` of ``params``, updated after each optimizer step; include its
     tensors in ``snapshot``/``restore`` (:func:`~d2f_core.training.ema.with_ema`) so a NaN restore resets it too.
@@ -244,8 +246,13 @@ class Trainer:
             on_progress: Callable[[int, list[float], float], None] | None = None,
             on_save: Callable[[int], None] | None = None, save_every: int = 0,
             on_preview: Callable[[int], None] | None = None, preview_every: int = 0,
+            on_validate: Callable[[int], None] | None = None, validate_every: int = 0,
             stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
         """Train from ``start_step`` to ``config.steps``.
+
+        ``on_validate(step)`` runs every ``validate_every`` steps and after the last step (rank 0; under DDP the
+        other ranks wait for it in the next collective). Its time is measured and left out of the
+        samples/s that ``on_progress`` gets and of ``result.samples_per_second``: throughput is training only.
 
         Every ``sync_every`` steps the pending losses are read (one host sync), checked for NaN/inf and
         passed to ``on_progress(step, new_losses, samples_per_second)``. ``should_stop()`` (a host-side
@@ -278,6 +285,7 @@ class Trainer:
             result.step = step_done
             if on_progress and dist.is_main:
                 elapsed = time.perf_counter() - t0
+                elapsed -= result.validation_seconds  # validation is not training throughput
                 on_progress(step_done, values, result.samples / elapsed if elapsed > 0 else 0.0)
 
         step = start_step
@@ -297,7 +305,9 @@ class Trainer:
             result.samples += samples_per_step
             due_save = save_every > 0 and step % save_every == 0
             due_preview = preview_every > 0 and step % preview_every == 0
-            due_read = due_save or due_preview or step % max(1, c.sync_every) == 0 or step == c.steps
+            due_validate = on_validate is not None and validate_every > 0 and (step % validate_every == 0
+                                                                               or step == c.steps)
+            due_read = due_save or due_preview or due_validate or step % max(1, c.sync_every) == 0 or step == c.steps
             # Ranks read out together (the loss mean is a collective), so a stop is agreed on only then.
             stop = (not dist.distributed or due_read) and (stop_raised or should_stop is not None and should_stop())
             if stop or due_read:
@@ -309,6 +319,14 @@ class Trainer:
                     on_preview(step)
                 except stop_exceptions:
                     stop = True
+            if due_validate and dist.is_main and not stop:
+                t_val = time.perf_counter()
+                try:
+                    on_validate(step)
+                except stop_exceptions:
+                    stop = True
+                finally:
+                    result.validation_seconds += time.perf_counter() - t_val
             if dist.distributed and due_read:
                 stop = dist.any(stop)
             if stop:
