@@ -238,3 +238,30 @@ def test_gpus_values_and_refusals_before_any_work(host, sd15_model):
     custom.cached_patcher_init = None  # as from a custom loader that does not say how to reload its model
     with pytest.raises(ValueError, match="load it with a core loader, or set gpus to 1"):
         local_workers.world_size_for("D2FTrain", "2", custom)
+
+
+def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_batch_does(server, defs,
+                                                                                         record_measure):
+    """mode full with sharding fsdp: the weights, gradients and optimizer state split over the server (rank 0) and
+    its worker (FSDP over gloo); the saved weight differences of steps 2 and 4 (gathered whole, written by rank 0)
+    are those one process (gpus=1, no sharding) trains with the global batch."""
+    def run(**train):
+        before = _existing(server)
+        entry = _wait(server, _queue(server, _prompt(defs, steps=4, mode="full", learning_rate=1e-4, **train)))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+        files = _run_files(server, before)
+        assert len(files) == 2, files
+        return [load_file(f) for f in files], files
+    t0 = time.monotonic()
+    single, _ = run(batch_size=2, gpus="1")
+    t1 = time.monotonic()
+    sharded, files = run(batch_size=1, gpus="2", sharding="fsdp")
+    print(f"full gpus=1 bs2: {t1 - t0:.1f} s; full gpus=2 fsdp bs1: {time.monotonic() - t1:.1f} s")
+    with safe_open(files[-1], "pt") as f:
+        settings = json.loads(f.metadata()["diff2flow.settings"])
+    assert (settings["processes"], settings.get("sharding")) == (2, "fsdp"), settings
+    for step, a, b in zip((2, 4), sharded, single):
+        worst = relative_difference(a, b)
+        record_measure(f"gpus=2 fsdp x batch 1 vs gpus=1 x batch 2 (server), full diffs of step {step}", worst, "<= 1e-5")
+        assert worst <= 1e-5, (step, worst)
+    assert not _workers(server), "a worker outlived the run"
