@@ -215,5 +215,7 @@ def train_worker(model, resume_path=None, **kwargs) -> None:
         mm.load_models_gpu([model], force_full_load=True)
         return model
     run._private_model = private
-    run._trained_model = lambda: None  # a worker's outputs go nowhere: rank 0 returns the node's
+    # A worker's outputs go nowhere: rank 0 returns the node's. Sharded (FSDP), rank 0's full-mode patches gather
+    # whole tensors, which takes every rank: the worker joins that gather and drops the result.
+    run._trained_model = lambda: run.adapters.patches() and None if getattr(run, "sharded", False) else None
     run.execute(resume_path)

@@ -20,7 +20,7 @@ from ..d2f_core.training.checkpointing import blocks_by_class_name
 from ..d2f_core.training.memory import (CHECKPOINTING_CHOICES, MemoryPreflightError, Preflight, RunSettings,
                                         checkpointing_choice, data_bytes, family_of, network_facts, preflight)
 
-__all__ = ["CHECKPOINTING_CHOICES", "available_memory", "check", "validate_checkpointing"]
+__all__ = ["CHECKPOINTING_CHOICES", "SHARDINGS", "available_memory", "check", "sharding_choice", "validate_checkpointing"]
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -74,8 +74,47 @@ def _context_tokens(buckets) -> int:
     return longest or 77
 
 
+SHARDINGS = ("auto", "ddp", "fsdp")
+
+
+def sharding_choice(opts: dict, world: int) -> str:
+    """The ``sharding`` option checked against the run: "ddp", "fsdp" or "auto" (decided by :func:`plan`)."""
+    value = str(opts.get("sharding", "auto") or "auto").strip().lower()
+    if value not in SHARDINGS:
+        raise ValueError(f"D2FTrain: sharding must be one of {', '.join(SHARDINGS)}, not '{value}'.")
+    if value == "fsdp" and opts["mode"] != "full":
+        raise ValueError("D2FTrain: sharding fsdp shards a full fine-tune's weights; a LoRA run is replicated (ddp). "
+                         "Set sharding to auto or ddp, or mode to full.")
+    if value != "ddp" and (opts["mode"] != "full" or world <= 1):
+        return "ddp" if value == "auto" else value  # fsdp on one process: the plain path (nothing to shard over)
+    return value
+
+
 def plan(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...], world_size: int = 1,
          device=None) -> Preflight:
+    """:func:`plan_one` with ``sharding`` decided: "auto" shards a full fine-tune on several processes (FSDP)
+    exactly when the replicated run would be refused (it does not fit) and the sharded one would not be; the result's
+    ``sharding`` says which ("ddp" for every run that is not sharded)."""
+    world = max(int(world_size or 1), _world_size())
+    choice = sharding_choice(opts, world)
+    if choice != "auto":
+        result = plan_one(model, buckets, opts, dtype, blocks, world_size, device, sharded=choice == "fsdp"
+                          and world > 1)
+        result.sharding = "fsdp" if choice == "fsdp" and world > 1 else "ddp"
+        return result
+    replicated = plan_one(model, buckets, opts, dtype, blocks, world_size, device, sharded=False)
+    replicated.sharding = "ddp"
+    if replicated.refusal is None:
+        return replicated
+    sharded = plan_one(model, buckets, opts, dtype, blocks, world_size, device, sharded=True)
+    if sharded.refusal is not None:
+        return replicated
+    sharded.sharding = "fsdp"
+    return sharded
+
+
+def plan_one(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...], world_size: int = 1,
+             device=None, sharded: bool = False) -> Preflight:
     """The pre-flight of a D2FTrain run on ``device`` (default: the host's torch device), without acting on it.
     ``world_size``: processes the run trains on (the gpus input's; torchrun's are read from the environment)."""
     device = torch.device(device if device is not None else mm.get_torch_device())
@@ -99,7 +138,7 @@ def plan(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...]
         optimizer=opts.get("optimizer", "adamw"), ema_bytes=ema_bytes,
         # CUDA graphs as TrainingRun decides them (fast_paths), without and with checkpointing
         cuda_graphs=_graphs(device, opts, world, False), graphs_with_checkpointing=_graphs(device, opts, world, True),
-        world_size=world,
+        world_size=world, sharded=sharded, grad_accumulation=int(opts.get("grad_accumulation", 1)),
         data_bytes=data, context_tokens=_context_tokens(buckets))
     config = getattr(model.model, "model_config", None)
     names = [c.__name__ for c in type(config).__mro__] if config is not None else []
@@ -113,7 +152,7 @@ def check(model, buckets, opts: dict, dtype: torch.dtype, blocks: tuple[str, ...
     fit. ``result.checkpointing`` is the setting to train with (every process of the run uses it: they get these
     options)."""
     result = plan(model, buckets, opts, dtype, blocks, world_size)
-    logging.info(f"D2FTrain: {result.summary()}")
+    logging.info(f"D2FTrain: {result.summary()}; {'sharded (FSDP)' if result.sharding == 'fsdp' else 'replicated'}")
     if result.refusal:
         raise MemoryPreflightError(result.refusal)
     return result

@@ -13,7 +13,8 @@ from comfy_api.latest import io
 from ..d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only
 from ..d2f_core.training.checkpointing import blocks_by_class_name, checkpointed
 from ..d2f_core.training.data import LatentBuckets
-from ..d2f_core.training.distributed import DistributedContext
+from ..d2f_core.training.distributed import (DistributedContext, full_tensor, gather_optimizer_state, local,
+                                             shard_optimizer_state)
 from ..d2f_core.training.ema import EMA, split_ema, with_ema
 from ..d2f_core.training.compilation import CompiledNet
 from ..d2f_core.training.graphs import GraphedNet
@@ -164,6 +165,14 @@ class D2FTrain(io.ComfyNode):
                                    tooltip="From D2FValidation: every N steps and at the end, a held-out loss (second "
                                            "chart series), a fixed-seed sample grid saved in the run's folder and, "
                                            "for Reflow, straightness. Its time is not counted in samples/s."),
+                io.Combo.Input("sharding", options=list(memory_check.SHARDINGS), default="auto", advanced=True,
+                               optional=True,
+                               tooltip="Full fine-tunes on several GPUs (gpus, d2f run --nproc-per-node, torchrun). ddp: "
+                                       "every GPU holds the whole training state. fsdp: the weights, gradients and "
+                                       "optimizer state are split over the GPUs (FSDP), for models whose full "
+                                       "fine-tune does not fit one GPU; more communication per step. auto: fsdp only "
+                                       "when the memory estimate says ddp does not fit and fsdp does. LoRA always "
+                                       "uses ddp."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),
@@ -217,6 +226,7 @@ class D2FTrain(io.ComfyNode):
         # Memory pre-flight: decides gradient_checkpointing auto, refuses a run that cannot fit (before any load).
         memory = memory_check.check(model, buckets, opts, DTYPES[opts["training_dtype"]], CHECKPOINT_BLOCKS, world_size)
         opts["gradient_checkpointing"] = memory.checkpointing
+        opts["sharding"] = memory.sharding  # every process of the run gets the decided ddp / fsdp
 
         inputs = dict(sampling=sampling, buckets=buckets, empty=empty, config=config, opts=opts,
                       node_id=cls.hidden.unique_id, run_name=run_name, identity=identity)
@@ -256,6 +266,25 @@ def fast_paths(device_type: str, opts: dict, ddp: bool) -> tuple[bool, bool, str
         return compile_, False, f"CUDA graphs are off with {'; '.join(unchecked)}: the step runs without them."
     return compile_, True, None
 
+@contextlib.contextmanager
+def _stops_at_read_outs(sharded: bool):
+    """A sharded (FSDP) run takes the stop button at its loss read-outs only (``should_stop``, agreed on by every
+    rank): ComfyUI's layers raise the stop from inside the network (``comfy.ops.run_every_op``), which would leave
+    this rank out of step with the others' weight gathers (the Trainer then fails the run rather than continue out
+    of step). ComfyUI runs one prompt at a time, so nothing else runs these layers meanwhile; restored on exit."""
+    import comfy.ops
+
+    check = getattr(comfy.ops, "run_every_op", None)
+    if not sharded or check is None:
+        yield
+        return
+    comfy.ops.run_every_op = lambda: None
+    try:
+        yield
+    finally:
+        comfy.ops.run_every_op = check
+
+
 class TrainingRun:
     """One training run on a private copy of the model (the loader's model is never touched).
 
@@ -277,23 +306,37 @@ class TrainingRun:
         self.ema_options = opts.get("ema")  # D2FEMA's options, or None
         self.ema: EMA | None = None
         self.validation: ValidationRun | None = None  # rank 0's, when D2FValidation is connected
+        self.sharded = False  # set by _train: a full fine-tune sharded over the ranks (FSDP)
 
     # --- files ------------------------------------------------------------------------------------
-    def save(self, step: int) -> str:
-        """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``)."""
-        meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
+    def save(self, step: int) -> str | None:
+        """The LoRA of ``step`` and the run's resumable state, atomically (see ``run_files``). Sharded (FSDP): every
+        rank calls it and gathers the whole tensors with the others (collectives, in one order); rank 0 writes."""
         ema = self.ema
+        if self.sharded:
+            with self.ema_weights():
+                lora = self.adapters.export()
+            weights, optimizer = self.adapters.state_tensors(), gather_optimizer_state(self.trainer.optimizer)
+            emas = {k: full_tensor(v) for k, v in ema.named_tensors().items()} if ema else None
+            if not self.dist.is_main:
+                return None
+        else:
+            lora = None
+            weights, optimizer = None, self.trainer.optimizer
+            emas = ema.named_tensors() if ema else None
+        meta = dict(self.identity, run_name=self.files.name, resumed_from=self.resumed_from)
         described = describe_training(self.model, self.bridge, self.buckets, self.config,
                                       dict(self.opts, processes=self.dist.world_size), self.files.name,
                                       ema=self.ema_options.info() if ema else None)
 
         def write_state(path):  # the training weights (to resume from) and the EMA beside them
-            save_state(path, self.adapters.state_tensors(), self.trainer.optimizer, step, meta,
-                       ema=ema.named_tensors() if ema else None, ema_info=ema.info() if ema else None,
+            save_state(path, weights if weights is not None else self.adapters.state_tensors(), optimizer, step, meta,
+                       ema=emas, ema_info=ema.info() if ema else None,
                        metadata=file_metadata(described, "state", step))
         try:
-            with self.ema_weights():
-                lora = self.adapters.export()
+            if lora is None:
+                with self.ema_weights():
+                    lora = self.adapters.export()
             path = self.files.save(step, lora, write_state,
                                    file_metadata(described, self.mode, step, ema_weights=ema is not None))
         except OSError as exc:
@@ -350,7 +393,8 @@ class TrainingRun:
 
         with torch.no_grad():
             x0 = sample_euler_flow(denoise, self.bridge.start_state(sigmas[:1], noise, torch.zeros_like(noise), True), sigmas)
-        self.reporter.preview(step, x0, self.model.get_model_object("latent_format"), self.device)
+        if self.dist.is_main:  # sharded (FSDP): every rank ran the sample with rank 0 (its forwards gather weights)
+            self.reporter.preview(step, x0, self.model.get_model_object("latent_format"), self.device)
 
     # --- the run ----------------------------------------------------------------------------------
     def execute(self, resume_path: str | None) -> io.NodeOutput:
@@ -385,7 +429,17 @@ class TrainingRun:
         cast_for_training(unet, self.dtype, channels_last)  # the private copy only
         self.data = LatentBuckets(self.buckets, device=device, dtype=torch.float32, cond_dtype=self.dtype,
                                   empty_cond=self.empty)
-        self.adapters = adapters = self._adapters(unet, device)
+        self.sharded = self.mode == "full" and self.opts.get("sharding") == "fsdp" and self.dist.distributed
+        sharded_root = None
+        if self.sharded:
+            # Masters made on the CPU and moved to the device shard by shard (no rank ever holds them all there);
+            # the FSDP units are the checkpointing blocks (ResBlocks, transformer blocks), then the UNet itself.
+            self.adapters = adapters = FullAdapters(unet, dtype=torch.float32, device="cpu",
+                                                    key_prefix="diffusion_model.")
+            sharded_root = adapters.shard(self.dist, blocks_by_class_name(unet, CHECKPOINT_BLOCKS), self.dtype)
+            logging.info(f"D2FTrain: full fine-tune sharded over {self.dist.world_size} processes (FSDP)")
+        else:
+            self.adapters = adapters = self._adapters(unet, device)
 
         # Full mode trains float32 masters installed in the (bf16) private copy: autocast casts them per op, as
         # the LoRA hooks cast their own factors (without it every layer fails on a float32 weight, bf16 input).
@@ -399,6 +453,8 @@ class TrainingRun:
         self.net = net
         train_net = net
         compile_, graphs, why_eager = fast_paths(device.type, self.opts, ddp=self.dist.backend is not None)
+        if self.sharded:  # nothing of FSDP's hooks has been checked under capture or compile
+            compile_, graphs = False, False
         if why_eager:
             logging.info(f"D2FTrain: {why_eager}")
         if compile_:
@@ -410,6 +466,9 @@ class TrainingRun:
             self.ema = EMA.from_options(adapters.named_trainables(), self.ema_options, self.dtype)
         # Snapshots hold the EMA too: after a NaN it must be reset with the weights (it averaged the bad ones in).
         tracked = with_ema(adapters.named_trainables(), self.ema)
+        if self.sharded:  # each rank snapshots (and restores) its own shards: the NaN recovery needs no collective
+            tracked = {k: local(v.detach()) for k, v in tracked.items()}
+            self._local_tracked = tracked
         take = HostSnapshots(tracked).take if self.mode == "full" else \
             (lambda: {k: v.detach().clone() for k, v in tracked.items()})
         # The trainer snapshots the weights at each loss read-out, just before it reports that step to `progress`
@@ -423,10 +482,11 @@ class TrainingRun:
 
         self.trainer = trainer = Trainer(train_net, self.bridge, adapters.parameters(), self.data, c, device=device,
                                          compute_dtype=self.dtype, snapshot=snapshot, restore=self.restore, ema=self.ema,
-                                         dist=self.dist)
+                                         dist=self.dist, sharded=sharded_root)
         start = 0
         if resume_path:
             state = read_state(resume_path, trainer.optimizer, device=device)
+            shard_optimizer_state(trainer.optimizer)  # sharded: each rank keeps its rows of the moments
             start = state.step
             adapters.load_state_tensors(state.weights)
             if self.ema is not None and state.ema is not None:
@@ -453,7 +513,7 @@ class TrainingRun:
             # LoRA: hooks on the private copy. Full: the trained tensors installed in it, so that
             # per-block checkpoint recomputation in backward sees them too.
             active = adapters.installed() if self.mode == "full" else adapters.attached()
-            with active, checkpointed(blocks):
+            with active, checkpointed(blocks), _stops_at_read_outs(self.sharded):
                 result = trainer.run(
                     start_step=start, should_stop=self.reporter.should_stop, on_progress=progress,
                     on_save=self.save, save_every=self.opts["save_every"],
@@ -467,11 +527,13 @@ class TrainingRun:
             # weights): drop them, so that resuming from the saved state starts them afresh, not as NaN.
             trainer.optimizer.state.clear()
             good = exc.last_good_step  # with loss read-outs every N steps, older than exc.step - 1
-            path = self.save(good) if good > start and main else None
+            path = self.save(good) if good > start and (main or self.sharded) else None
             kept = f" The last good weights were saved to {path}." if path else ""
             raise RuntimeError(f"D2FTrain: {exc}{kept}") from None
         except torch.OutOfMemoryError:
             trainer.optimizer.zero_grad(set_to_none=True)
+            if self.sharded:  # the other ranks are stuck in this step's collectives: no gathered save is possible
+                read_out["weights"] = None
             raise RuntimeError(
                 f"D2FTrain ran out of GPU memory (mode {self.mode}, batch size {c.batch_size}, "
                 f"gradient checkpointing {'on' if blocks else 'off'}). Lower batch_size (use grad_accumulation "
@@ -481,9 +543,9 @@ class TrainingRun:
         if status == "interrupted":
             mm.interrupt_current_processing(False)  # the stop ends training only: downstream saves still run
             logging.info(f"D2FTrain: stopped at step {step_done}; keeping what was trained")
+        if step_done > start and (main or self.sharded):  # every run that trained ends saved (once per step)
+            self.save(step_done)
         if main:
-            if step_done > start:  # every run that trained ends saved (once per step: a due save is not redone)
-                self.save(step_done)
             self.reporter.finished(step_done, status)
         with self.ema_weights():
             loss_map = {"loss": result.losses}
@@ -493,6 +555,11 @@ class TrainingRun:
 
     def restore(self, state: dict) -> None:
         """Put a snapshot back: the trained tensors, and the EMA when the run keeps one."""
+        if getattr(self, "sharded", False):  # this rank's own shards, as snapshot() took them
+            with torch.no_grad():
+                for k, v in state.items():
+                    self._local_tracked[k].copy_(v)
+            return
         weights, emas = split_ema(state)
         self.adapters.load_state_tensors(weights)
         if self.ema is not None:

@@ -216,3 +216,40 @@ def test_graph_terms_follow_the_nodes_own_rule(host, pack, sd15_model, monkeypat
                                  device=torch.device("cuda"))
     P = ddp.without.terms["trained"] // 4
     assert ddp.without.terms["gradients"] == 2 * 4 * P  # persistent gradients + DDP's buckets, no graph
+
+
+def test_sharding_auto_shards_a_full_fine_tune_only_where_the_replicated_one_does_not_fit(host, pack, sd15_model,
+                                                                                          monkeypatch):
+    """``sharding`` auto: FSDP exactly when the replicated full fine-tune on N processes would be refused and the
+    sharded one fits (its masters, gradients and moments /N; only two blocks' weights whole); ddp otherwise, and
+    always for LoRA or one process. fsdp asked for LoRA is refused; on one process it is the plain path."""
+    buckets = pack.assemble_buckets(sd15_model, *dataset(2))
+    cuda = torch.device("cuda")
+
+    def plan(free, world=2, **overrides):
+        fake_free_memory(monkeypatch, pack, free)
+        opts = options(host, **overrides)
+        return pack.memory_check.plan(sd15_model, buckets, opts, torch.float32, pack.CHECKPOINT_BLOCKS,
+                                      world_size=world, device=cuda)
+    roomy = plan(10 ** 12, mode="full", cuda_graphs=False, gradient_checkpointing="on")
+    assert roomy.sharding == "ddp" and roomy.refusal is None
+    replicated, sharded = roomy.estimate, plan(10 ** 12, mode="full", cuda_graphs=False, gradient_checkpointing="on",
+                                              sharding="fsdp").estimate
+    P = replicated.terms["trained"] // 4
+    assert sharded.terms["trained"] == 4 * P // 2 and sharded.terms["optimizer"] == 8 * P // 2
+    assert sharded.terms["gradients"] == 4 * P // 2  # no DDP buckets, no accumulation
+    assert sharded.total < replicated.total
+    # between the two: replicated refused, sharded fits → auto shards
+    free = int((replicated.total + sharded.total) / 2)
+    tight = plan(free, mode="full", cuda_graphs=False, gradient_checkpointing="on")
+    assert tight.sharding == "fsdp" and tight.refusal is None, tight.summary()
+    assert plan(free, mode="full", cuda_graphs=False, gradient_checkpointing="on", sharding="ddp").refusal
+    assert plan(free, mode="full", cuda_graphs=False, gradient_checkpointing="on", world=1).sharding == "ddp"
+    assert plan(free, mode="full", cuda_graphs=False, gradient_checkpointing="on", sharding="fsdp",
+                world=1).sharding == "ddp"
+    # accumulation keeps whole float32 gradients until the last micro-batch
+    acc = plan(10 ** 12, mode="full", cuda_graphs=False, gradient_checkpointing="on", sharding="fsdp",
+               grad_accumulation=2).estimate
+    assert acc.terms["gradients"] == 4 * P // 2 + 4 * P
+    with pytest.raises(ValueError, match="sharding fsdp shards a full fine-tune"):
+        plan(10 ** 12, mode="lora", sharding="fsdp")

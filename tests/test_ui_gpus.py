@@ -238,3 +238,41 @@ def test_gpus_values_and_refusals_before_any_work(host, sd15_model):
     custom.cached_patcher_init = None  # as from a custom loader that does not say how to reload its model
     with pytest.raises(ValueError, match="load it with a core loader, or set gpus to 1"):
         local_workers.world_size_for("D2FTrain", "2", custom)
+
+
+def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_batch_does(server, defs,
+                                                                                         record_measure):
+    """mode full with sharding fsdp: the weights, gradients and optimizer state split over the server (rank 0) and
+    its worker (FSDP over gloo); the saved weight differences of steps 2 and 4 (gathered whole, written by rank 0)
+    are those one process (gpus=1, no sharding) trains with the global batch (fp32; in bf16 FSDP gathers the norms'
+    weights in bf16 where autocast keeps them float32, so the runs differ by more than rounding)."""
+    def run(**train):
+        before = _existing(server)
+        entry = _wait(server, _queue(server, _prompt(defs, steps=4, mode="full", learning_rate=1e-4,
+                                                     training_dtype="fp32", **train)))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+        files = _run_files(server, before)
+        assert len(files) == 2, files
+        return [load_file(f) for f in files], files
+    t0 = time.monotonic()
+    single, _ = run(batch_size=2, gpus="1")
+    t1 = time.monotonic()
+    sharded, files = run(batch_size=1, gpus="2", sharding="fsdp")
+    print(f"full gpus=1 bs2: {t1 - t0:.1f} s; full gpus=2 fsdp bs1: {time.monotonic() - t1:.1f} s")
+    with safe_open(files[-1], "pt") as f:
+        settings = json.loads(f.metadata()["diff2flow.settings"])
+    assert settings["processes"] == 2, settings
+    assert "full fine-tune sharded over 2 processes (FSDP)" in server.log_tail(400)
+    # The files hold Δ = θ' − θ, a few float32 ulps of θ after 4 small SGD steps: compared as weights, i.e. relative
+    # to the largest base weight (a 1-ulp rounding flip of θ' is ~1/12 of such a Δ, not a training difference).
+    base = comfy_host.tiny_unet_state_dict(comfy_host.SD15_UNET_CONFIG, "SD15", seed=0)
+    scale = max(float(v.float().abs().max()) for v in base.values())
+    for step, a, b in zip((2, 4), sharded, single):
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a) / scale
+        moved = max(float(b[k].abs().max()) for k in b) / scale
+        record_measure(f"gpus=2 fsdp x batch 1 vs gpus=1 x batch 2 (server), trained weights of step {step} "
+                       "(relative to the largest weight)", worst, "<= 1e-5")
+        print(f"step {step}: weights differ by {worst:.2e} of the largest weight; training moved them {moved:.2e}")
+        assert worst <= 1e-5 and moved > 10 * worst, (step, worst, moved)
+    assert not _workers(server), "a worker outlived the run"

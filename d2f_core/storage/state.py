@@ -30,7 +30,7 @@ from .metadata import RESERVED, check_metadata
 WHAT = "training state"
 
 
-def save_state(path: str, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
+def save_state(path: str, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict | None,
                step: int, meta: dict | None = None, *, ema: dict[str, torch.Tensor] | None = None,
                ema_info: dict | None = None, metadata: dict[str, str] | None = None) -> str:
     """Write the state of ``step``: ``weights`` (the training weights), the optimizer's state, ``ema`` (the EMA
@@ -43,7 +43,8 @@ def save_state(path: str, weights: dict[str, torch.Tensor], optimizer: torch.opt
         tensors.update({f"ema.{k}": v for k, v in ema.items()})
     groups = []
     if optimizer is not None:
-        sd = optimizer.state_dict()
+        # a dict: a state dict already made, e.g. a sharded run's gathered whole (gather_optimizer_state)
+        sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         for idx, fields in sd["state"].items():
             for name, value in fields.items():
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import copy_into, full_tensor
+
 __all__ = ["LoraAdapters", "FullAdapters", "attention_only", "merge_lora_into", "ATTENTION_MARKERS"]
 
 Include = Callable[[str, nn.Module], bool]
@@ -144,8 +146,9 @@ class _AdaptersBase:
         return self._named_trainables()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors by stable name, detached copies (a snapshot that later steps do not change)."""
-        return {k: p.detach().clone() for k, p in self._named_trainables().items()}
+        """Trainable tensors by stable name, detached copies (a snapshot that later steps do not change). Sharded
+        (FSDP): gathered whole, a collective every rank makes."""
+        return {k: full_tensor(p.detach()).clone() for k, p in self._named_trainables().items()}
 
     def load_state_tensors(self, d: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors` (strict keys and shapes; dtype/device converted)."""
@@ -157,7 +160,7 @@ class _AdaptersBase:
         # tensors (autograd refuses those), and it must not be recorded either.
         with torch.inference_mode(False), torch.no_grad():
             for k, p in named.items():
-                p.copy_(d[k])
+                copy_into(p, d[k])  # a sharded tensor (FSDP) takes its rows of the whole one
 
     def attach(self) -> None:
         pass
@@ -501,6 +504,9 @@ class FullAdapters(_AdaptersBase):
         """Put the trained copies into root's own modules for the duration (and the originals back on
         exit), so that calling root directly uses them, also when a checkpoint inside root recomputes
         in backward. Only for a root nobody else uses meanwhile (e.g. a private copy of the model)."""
+        if getattr(self, "_sharded", False):  # installed for good by shard()
+            yield self
+            return
         originals = []
         try:
             for full, master in self._masters.items():
@@ -514,6 +520,31 @@ class FullAdapters(_AdaptersBase):
             for mod, pname, original in reversed(originals):
                 mod._parameters[pname] = original
             self._installed = False
+
+    def shard(self, dist, blocks, compute_dtype: torch.dtype) -> nn.Module:
+        """Train sharded over ``dist``'s ranks (FSDP2; :meth:`DistributedContext.fully_shard
+        <d2f_core.training.distributed.DistributedContext.fully_shard>`), for good: the masters are installed in
+        root's modules (root must be a private copy nobody else uses), the base tensors they replace are let go
+        (with nothing else holding them their device memory is freed: the base weights are the snapshot's), and
+        ``blocks`` then root are sharded. The masters become the DTensor parameters FSDP registers, so
+        :meth:`parameters` is what the optimizer steps; calls run root itself, whose FSDP hooks gather each
+        block's weights in ``compute_dtype``. Exports, :meth:`state_tensors` and :meth:`load` see whole tensors
+        (gathers and scatters every rank makes alike). Returns the sharded root (the Trainer's ``sharded``).
+
+        The masters should be on the CPU here (``device="cpu"``): FSDP moves each to the ranks' device as it
+        shards it, so no device ever holds all of them."""
+        for full, master in self._masters.items():
+            mod_name, _, pname = full.rpartition(".")
+            mod = self.root.get_submodule(mod_name) if mod_name else self.root
+            mod._parameters[pname] = master
+        root = dist.fully_shard(self.root, blocks, compute_dtype)
+        for full in self._masters:
+            mod_name, _, pname = full.rpartition(".")
+            mod = self.root.get_submodule(mod_name) if mod_name else self.root
+            self._masters[full] = mod._parameters[pname]
+        self._installed = True
+        self._sharded = True
+        return root
 
     def __call__(self, *args, **kwargs):
         """``functional_call(root, trained, args, kwargs)`` (a plain call of root while ``installed``)."""
@@ -530,7 +561,8 @@ class FullAdapters(_AdaptersBase):
             for name, m in self._masters.items():
                 snap = self._snapshot[name]
                 ct = torch.promote_types(torch.float32, m.dtype)
-                out[name] = m.detach().to(snap.device, ct) - snap.to(ct)
+                # sharded (FSDP): gathered whole on every rank (a collective), one tensor at a time
+                out[name] = full_tensor(m.detach()).to(snap.device, ct) - snap.to(ct)
         return out
 
     def export(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -557,4 +589,4 @@ class FullAdapters(_AdaptersBase):
             for ek, name in by_key.items():
                 m, snap = self._masters[name], self._snapshot[name]
                 ct = torch.promote_types(torch.float32, m.dtype)
-                m.copy_(snap.to(m.device, ct) + sd[ek].to(m.device, ct))
+                copy_into(m, snap.to(ct) + sd[ek].to(snap.device, ct))  # sharded: this rank's rows

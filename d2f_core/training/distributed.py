@@ -17,7 +17,21 @@ Contract (N ranks, per-rank batch b, accumulation A):
   read-out time, once for all pending steps: a non-finite loss on any rank is then seen by every rank.
 
 Hence N ranks × batch b train the same weights as 1 rank × batch N·b, up to the rounding of the reduction
-order. World size 1 (:meth:`DistributedContext.single`) is the single-process code path itself: ``shard``
+order.
+
+Sharded (FSDP2, :meth:`DistributedContext.fully_shard`, for full fine-tunes whose replicated training state does
+not fit one device): every trained tensor θ of P elements lives as a DTensor whose local shard on rank r is its
+rows [o_r, o_r + n_r) along dim 0 (``torch.chunk`` sizes, the last ranks possibly empty), so the float32 masters,
+their gradients and the optimizer's moments cost ``(4 + 4 + k_opt)·P / N`` per rank instead of ``(…)·P``. A
+block's parameters are all-gathered (in the compute dtype) just before its forward and again before its
+backward, freed after each; its gradients are reduce-scattered in float32: ``g_r = (1/N) Σ_r' g_r'[o_r : o_r+n_r]``,
+the rows of the very average DDP computes, so clipping (a norm over all shards, one all-reduce) and the
+element-wise optimizer update give every row the value the replicated run gives it. Micro-batches before a step's
+last accumulate unreduced gradients (``set_requires_gradient_sync(False)``, FSDP's ``no_sync``; they are held
+unsharded in float32 until the last micro-batch reduces their sum). Whatever reads or writes whole tensors
+(exports, saves, resumes) goes through :func:`full_tensor` / :func:`copy_into` / :func:`gather_optimizer_state`
+/ :func:`shard_optimizer_state`: gathers are collectives, so every rank makes them in the same order, and only
+rank 0 writes what they return. World size 1 (:meth:`DistributedContext.single`) is the single-process code path itself: ``shard``
 is the identity on the draw and no collective is ever issued.
 
 The process group is torch.distributed's (gloo on CPU, NCCL on CUDA); nothing here communicates by itself.
@@ -35,6 +49,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+try:  # FSDP2 and DTensor (torch >= 2.6); a build without them trains with DDP only
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover
+    DTensor = None
 
 T = TypeVar("T")
 
@@ -121,7 +141,35 @@ class DistributedContext:
         return items[self.rank::self.world_size]
 
     # --- collectives ------------------------------------------------------------------------------
-    def wrap(self, net: Callable, params: Sequence[nn.Parameter]) -> Callable:
+    def fully_shard(self, root: nn.Module, blocks: Sequence[nn.Module], compute_dtype: torch.dtype) -> nn.Module:
+        """Shard ``root``'s parameters over the ranks with FSDP2: ``fully_shard`` on each of ``blocks`` (the units
+        gathered and freed one at a time: a UNet's ResBlocks and transformer blocks), then on ``root`` for the
+        parameters outside them. Returns ``root`` (now an FSDP module); its parameters are replaced by DTensor
+        parameters (read them again from the modules).
+
+        Mixed precision: parameters stay in their own dtype in the shards (the float32 masters) and are gathered
+        in ``compute_dtype`` (bf16: half the all-gather traffic, and the dtype the layers run in); gradients are
+        reduce-scattered and kept in float32. Forward inputs are not cast: the fractional time label must stay
+        float32 (a bf16 label near 999 is off by up to 4 steps).
+        """
+        if self.backend is None:
+            raise ValueError("sharding needs a process group (torchrun, d2f run --nproc-per-node or gpus > 1)")
+        if DTensor is None:  # pragma: no cover
+            raise RuntimeError(f"this torch ({torch.__version__}) has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = DeviceMesh.from_group(self.group if self.group is not None else dist.group.WORLD, self.device.type)
+        policy = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        # The root's own parameters are gathered for the whole forward anyway: no reshard between forward and
+        # backward for it (FSDP's default for the root, said here because it matters for memory).
+        fully_shard(root, mesh=mesh, mp_policy=policy)
+        return root
+
+    def wrap(self, net: Callable, params: Sequence[nn.Parameter], sharded: nn.Module | None = None) -> Callable:
         """``net`` for data-parallel training: a :class:`~torch.nn.parallel.DistributedDataParallel` over a
         module that owns exactly ``params`` (the trained tensors: LoRA factors, or full mode's masters); ``net``
         itself without a process group (:meth:`single`). A group of one rank gets DDP too: its hooks and a
@@ -136,6 +184,8 @@ class DistributedContext:
         """
         if self.backend is None:
             return net
+        if sharded is not None:  # FSDP reduces the gradients itself (reduce-scatter per block in the backward)
+            return _ShardedNet(net, sharded)
         device_ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(_Trained(net, params), device_ids=device_ids, process_group=self.group,
                                        bucket_cap_mb=BUCKET_MB)  # no buffers: nothing to broadcast per forward
@@ -144,7 +194,9 @@ class DistributedContext:
     def accumulating(net: Callable):
         """Context of a micro-batch whose gradients are only accumulated locally (DDP's ``no_sync``); the
         next backward outside it reduces the sum. A null context for a plain network."""
-        return net.no_sync() if isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
+        if isinstance(net, (DistributedDataParallel, _ShardedNet)):
+            return net.no_sync()
+        return contextlib.nullcontext()
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise mean over ranks of ``tensor`` (a new tensor; the input itself for world size 1)."""
@@ -169,6 +221,80 @@ class DistributedContext:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item())
+
+
+class _ShardedNet:
+    """The training network of a sharded run: calls ``net``; :meth:`no_sync` is FSDP's
+    ``set_requires_gradient_sync(False)`` on every FSDP module under ``root`` for the block (DDP's ``no_sync``)."""
+
+    def __init__(self, net: Callable, root: nn.Module):
+        self.net, self.root = net, root
+
+    def __call__(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.root.set_requires_gradient_sync(True)
+
+
+# --- whole tensors of a sharded run ----------------------------------------------------------------------------
+def is_sharded(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``t`` (the tensor whose storage the DTensor holds); ``t`` itself if not sharded."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (an all-gather, a collective: every rank calls it, in the same order); ``t`` itself if it is
+    not sharded."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def local_part(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rows of ``whole`` (a whole tensor of ``like``'s global shape) that this rank's shard of ``like`` holds,
+    by DTensor's own layout rule; no communication (every rank has ``whole``)."""
+    if not is_sharded(like):
+        return whole
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a whole ``src``: a sharded ``dst`` takes its rows of it (no communication)."""
+    if is_sharded(dst) and not is_sharded(src):
+        dst.to_local().copy_(local_part(src, dst))
+    else:
+        dst.copy_(src)
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered whole (collectives, in the state dict's
+    order, the same on every rank): the layout a single-process run saves, so a state resumes on any world size."""
+    sd = optimizer.state_dict()
+    return {"state": {i: {k: full_tensor(v) for k, v in fields.items()} for i, fields in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a whole state (:func:`gather_optimizer_state`'s layout) into an optimizer over
+    sharded parameters: each state tensor of a parameter's shape becomes a DTensor laid out like the parameter
+    (this rank keeps its rows); scalars (Adam's step) stay as they are."""
+    for p, fields in optimizer.state.items():
+        if not is_sharded(p):
+            continue
+        for k, v in list(fields.items()):
+            if isinstance(v, torch.Tensor) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
+                part = local_part(v, p).to(device=p.to_local().device, dtype=v.dtype).contiguous()
+                fields[k] = DTensor.from_local(part, p.device_mesh, p.placements, run_check=False,
+                                               shape=p.shape, stride=p.stride())
 
 
 class _Trained(nn.Module):

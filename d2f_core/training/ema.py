@@ -46,6 +46,8 @@ from typing import Iterator
 
 import torch
 
+from .distributed import copy_into, local
+
 __all__ = ["EMA", "EMAOptions", "EMA_DTYPES", "EMA_PREFIX", "with_ema", "split_ema", "warmup_decay"]
 
 #: Storage choices of :class:`EMAOptions`: float32, or the dtype the caller trains in (resolved by the caller).
@@ -173,7 +175,7 @@ class EMA:
                 raise ValueError(f"EMA state '{k}': shape {tuple(tensors[k].shape)}, the weights' is {tuple(e.shape)}")
         with torch.inference_mode(False), torch.no_grad():
             for k, e in self._ema.items():
-                e.copy_(tensors[k])
+                copy_into(e, tensors[k])  # a sharded EMA (FSDP) takes its rows of the whole tensor
 
     def load(self, tensors: dict[str, torch.Tensor], info: dict) -> None:
         """Resume: the saved EMA tensors, and the step the saved EMA started at (so the warm-up continues where
@@ -220,7 +222,9 @@ class EMA:
                         e.copy_(tmp)  # the EMA slot holds the training weights until the swap back
                         swapped.append(k)
                     else:
-                        backup[k] = t.detach().to(backup_device if backup_device is not None else t.device, copy=True)
+                        # this rank's shard only, under FSDP (a DTensor is not moved between devices piecewise)
+                        lt = local(t.detach())
+                        backup[k] = lt.to(backup_device if backup_device is not None else lt.device, copy=True)
                         t.copy_(e)
             yield self
         finally:
@@ -231,7 +235,7 @@ class EMA:
                     t.copy_(e)
                     e.copy_(tmp)
                 for k, saved in backup.items():
-                    self._live[k].copy_(saved)
+                    local(self._live[k]).copy_(saved)
             self._applied = False
 
     @property

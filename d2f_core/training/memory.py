@@ -40,6 +40,17 @@ Training peak (the sum of what lives on the device while the largest step runs):
 
 Peak of the run: ``M = max(M_train, N·s_ld + C)`` (the private copy as loaded, before its cast).
 
+Sharded full fine-tune (FSDP over n ranks, per rank; not yet calibrated against a measured multi-GPU peak)::
+
+    W = s_w·(N_out + 2·N_blk)       the parameters outside the sharded blocks, whole for the step, and two blocks
+                                    (the one computed, the next prefetched), gathered in the training dtype
+    S = P·(4 + 4 + k_opt + s_ema)/n + 4P·[grad_accumulation > 1]      shards of masters, gradients, moments, EMA;
+                                    accumulating micro-batches keep whole float32 gradients until the last
+    K = 0                           (autograd saves the gathered training-dtype weights, already in W)
+
+so a full fine-tune of N = P parameters needs about (16 + s_ema)·P/n + W + D + A + C: ``sharding = auto`` picks
+it when the replicated run does not fit and this does.
+
 Calibration (peaks are torch's max_memory_allocated over whole D2FTrain runs of bench/bench_train.py in
 bench/results, random-weight real-architecture UNets, LoRA rank 16 on the attention layers unless said, bf16,
 CUDA graphs on, one bucket, NVIDIA H200 unless said; SD1.5 at 512 px = 64×64 latents, SDXL at 1024 px = 128×128;
@@ -278,6 +289,8 @@ class RunSettings:
     cuda_graphs: bool = True                # only on a CUDA device
     graphs_with_checkpointing: bool = False # whether they also replay with checkpointing on (D2FTrain: no)
     world_size: int = 1
+    sharded: bool = False                   # full mode under FSDP over world_size ranks
+    grad_accumulation: int = 1
     data_bytes: int = 0
     context_tokens: int = 77
 
@@ -339,6 +352,28 @@ def estimate(facts: NetworkFacts, s: RunSettings, family: str = FALLBACK_FAMILY,
     casts = 0
     if autocast:
         casts = s.weight_bytes * (facts.outside_blocks + facts.largest_block if s.checkpointing else facts.params)
+    if s.sharded and not lora and s.world_size > 1:
+        # FSDP (see the module docstring's sharded terms): masters, gradients, moments and EMA split over the ranks;
+        # of the weights only the blocks being computed are whole (the parameters outside the blocks for the whole
+        # step, the current block and the next one prefetched), gathered in the training dtype, which is also what
+        # autograd saves: no separate casts. Accumulating micro-batches hold whole float32 gradients until the
+        # last one reduce-scatters them.
+        n = s.world_size
+        terms = {
+            "weights": s.weight_bytes * (facts.outside_blocks + 2 * facts.largest_block),
+            "trained": 4 * P / n,
+            "gradients": 4 * P / n + (4 * P if s.grad_accumulation > 1 else 0),
+            "optimizer": OPTIMIZER_BYTES.get(s.optimizer, 8) * P / n,
+            "ema": ema / n,
+            "snapshots": 0,
+            "weight casts": 0,
+            "data": s.data_bytes,
+            "activations": int(activations),
+            "overhead": int(C_OVERHEAD),
+        }
+        return MemoryEstimate(terms={k: int(v) for k, v in terms.items()},
+                              load_peak=int(facts.stored_bytes + C_OVERHEAD), stored_bytes=int(facts.stored_bytes),
+                              family=family, calibrated=calibrated)
     terms = {
         "weights": facts.params * s.weight_bytes,
         "trained": 4 * P,
@@ -390,6 +425,7 @@ class Preflight:
     with_: MemoryEstimate              # checkpointing on
     available: int | None
     refusal: str | None = None         # the message when the run cannot fit
+    sharding: str = "ddp"              # ddp (replicated) | fsdp: set by the host's choice (nodes/memory_check.plan)
 
     @property
     def memory_required(self) -> int:

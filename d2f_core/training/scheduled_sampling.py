@@ -79,8 +79,12 @@ def _euler(velocity, x, src, delta, k, j):
 
 @torch.no_grad()
 def rollout(velocity, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, offsets: list[int],
-            spacing: float, sigma_max: float) -> torch.Tensor:
+            spacing: float, sigma_max: float, steps: int | None = None) -> torch.Tensor:
     """The state at σ reached by k_i Euler steps of ``velocity(x, σ) -> v̂`` from σ_src,i (per sample).
+
+    ``steps``: how many velocity calls to make (default max k_i; more leave every sample where it is, since
+    samples past their k_i stand still exactly: x + 0·v̂). A sharded run passes the global batch's max so every
+    rank makes the same number of forwards, each of which all-gathers weights with the others.
 
     ``offsets`` are on the host (the rollout length is then known without reading the GPU); samples
     with k = 0 keep the plain interpolant. Sample i takes k_i equal steps Δ_i = (σ_src,i - σ_i)/k_i.
@@ -90,6 +94,6 @@ def rollout(velocity, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
     src = torch.minimum(sigma + k * spacing, torch.full_like(sigma, sigma_max))
     delta = (src - sigma) / k.clamp(min=1)
     x = interpolate(x0, noise, src)
-    for j in range(max(offsets, default=0)):
+    for j in range(max(offsets, default=0) if steps is None else steps):
         x = _euler(velocity, x, src, delta, k, j)
     return x

@@ -39,6 +39,10 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
+class ShardedStepAborted(RuntimeError):
+    """A stop exception cut a sharded (FSDP) step off on this rank: the run cannot continue in step."""
+
+
 @dataclass
 class TrainConfig:
     steps: int = 500
@@ -126,6 +130,14 @@ class Trainer:
     from the same weights and optimizer state; they stay identical because every rank applies the same
     averaged gradient. Only rank 0 calls ``on_progress`` / ``on_save`` / ``on_preview`` / ``on_validate``.
 
+    ``sharded``: the FSDP-sharded root (:meth:`FullAdapters.shard <d2f_core.training.adapters.FullAdapters.shard>`)
+    when ``params`` are its DTensor shards: gradients are then reduce-scattered by FSDP instead of DDP's all-reduce,
+    and ``on_save`` / ``on_preview`` are called on every rank (they gather whole tensors; rank 0 alone writes).
+    A stop exception raised inside the network cannot be redone under FSDP (the rank would re-enter the all-gathers
+    the others are past): it ends the run with :class:`ShardedStepAborted` on that rank, which the other ranks see as
+    a failed collective; hosts defer such stops to ``should_stop`` in sharded runs (D2FTrain does in every
+    distributed run).
+
     ``ema``: an :class:`~d2f_core.training.ema.EMA` of ``params``, updated after each optimizer step; include its
     tensors in ``snapshot``/``restore`` (:func:`~d2f_core.training.ema.with_ema`) so a NaN restore resets it too.
     """
@@ -133,14 +145,17 @@ class Trainer:
     def __init__(self, net: Callable, bridge: FlowBridge, params: list[torch.nn.Parameter], data: LatentBuckets,
                  config: TrainConfig, device=None, compute_dtype: torch.dtype = torch.float32,
                  snapshot: Callable[[], dict] | None = None, restore: Callable[[dict], None] | None = None,
-                 dist: DistributedContext | None = None, ema: EMA | None = None):
+                 dist: DistributedContext | None = None, ema: EMA | None = None, sharded: torch.nn.Module | None = None):
         config.validate()
         self.ema = ema  # updated after every optimizer step (training/ema.py); None: no EMA
         self.dist = dist if dist is not None else DistributedContext.single(device)
         self.net, self.bridge, self.params, self.data, self.config = net, bridge, params, data, config
         # The forward whose backward trains: under DDP its gradients are averaged over ranks during the backward
         # of a step's last micro-batch. Rollouts (no gradients) call ``net`` itself.
-        self.train_net = self.dist.wrap(net, params)
+        self.train_net = self.dist.wrap(net, params, sharded)
+        # Sharded (FSDP): a forward all-gathers weights and an export gathers whole tensors, both collectives, so
+        # on_save and on_preview run on every rank (rank 0 alone writes and shows); else on rank 0 only.
+        self.sharded = sharded is not None
         self.device = torch.device(device) if device is not None else data.latents[0].device
         self.compute_dtype = compute_dtype
         self.snapshot, self.restore = snapshot, restore
@@ -176,7 +191,7 @@ class Trainer:
         return (net or self.net)(x_in, self.bridge.label(sigma).float(), **cond)
 
     def loss(self, x0: torch.Tensor, cond: dict, generator: torch.Generator, noise: torch.Tensor | None = None,
-             offsets: list[int] | None = None) -> torch.Tensor:
+             offsets: list[int] | None = None, rollout_steps: int | None = None) -> torch.Tensor:
         """Mean Diff2Flow (or native) loss of one micro-batch; differentiable.
 
         ``noise``: the pairs' own noise (Reflow couplings), else drawn. ``offsets``: scheduled-sampling
@@ -191,13 +206,13 @@ class Trainer:
             noise = self.dist.shard(lambda n: torch.randn((n,) + x0.shape[1:], generator=generator,
                                                           device=self.device, dtype=x0.dtype), b)
         cond = {k: v.to(self.compute_dtype) for k, v in cond.items()}
-        if offsets and any(offsets):
+        if rollout_steps if rollout_steps is not None else offsets and any(offsets):
             ss = c.scheduled_sampling
             spacing = (self.sigma_range[1] - self.sigma_range[0]) / ss.solver_steps
 
             def velocity(x, s):
                 return self.bridge.velocity(s, self._net_output(s, x, cond).float(), x)
-            x = rollout(velocity, x0, noise, sigma, offsets, spacing, self.sigma_range[1])
+            x = rollout(velocity, x0, noise, sigma, offsets, spacing, self.sigma_range[1], rollout_steps)
         else:
             x = interpolate(x0, noise, sigma)
         out = self._net_output(sigma, x, cond, self.train_net)
@@ -219,14 +234,20 @@ class Trainer:
             x0, cond, noise = self.data.take(bucket, self.dist.shard(
                 lambda n: self.data.indices(bucket, n, g), c.batch_size))
             cond = self._drop_captions(bucket, cond, g)
-            offsets = None
+            offsets = rollout_steps = None
             if c.scheduled_sampling.active:  # its own host RNG: turning it off leaves every other draw as it was
                 ss_rng = random.Random(c.seed * 104_729 + step * 31 + micro)
-                offsets = self.dist.shard(
-                    lambda n: c.scheduled_sampling.draw_offsets(ss_rng, n, step, c.steps), c.batch_size)
+                drawn = []
+
+                def draw(n):
+                    drawn[:] = c.scheduled_sampling.draw_offsets(ss_rng, n, step, c.steps)
+                    return drawn
+                offsets = self.dist.shard(draw, c.batch_size)
+                if self.sharded:  # every rank rolls out as long as the longest rollout of the global batch
+                    rollout_steps = max(drawn, default=0)
             last = micro == c.grad_accumulation - 1
             with contextlib.nullcontext() if last else self.dist.accumulating(self.train_net):
-                loss = self.loss(x0, cond, g, noise, offsets) / c.grad_accumulation
+                loss = self.loss(x0, cond, g, noise, offsets, rollout_steps) / c.grad_accumulation
                 loss.backward()  # the last one also averages the accumulated gradients over ranks (DDP)
             total += loss.detach()
             # Nothing of this micro-batch's autograd graph may outlive it: a CUDA-graph capture in the next
@@ -294,6 +315,10 @@ class Trainer:
             try:
                 watch.add(self.step(step))
             except stop_exceptions:
+                if self.sharded and dist.distributed:
+                    raise ShardedStepAborted(
+                        f"a stop was raised inside the network on rank {dist.rank} during sharded (FSDP) step "
+                        f"{step + 1}: its collectives cannot be resumed; stop through should_stop instead") from None
                 self.optimizer.zero_grad(set_to_none=False)  # the partial step's gradients, never applied
                 if dist.distributed:
                     # Its draws are seeded by the step: redone, it gives the gradients the others wait for.
@@ -312,9 +337,10 @@ class Trainer:
             stop = (not dist.distributed or due_read) and (stop_raised or should_stop is not None and should_stop())
             if stop or due_read:
                 flush(step)
-            if due_save and on_save and dist.is_main:
+            callbacks = dist.is_main or self.sharded
+            if due_save and on_save and callbacks:
                 on_save(step)
-            if due_preview and on_preview and dist.is_main:
+            if due_preview and on_preview and callbacks:
                 try:
                     on_preview(step)
                 except stop_exceptions:
