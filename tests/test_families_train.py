@@ -42,9 +42,10 @@ import test_families as fams  # noqa: E402  (the family files, loaders and condi
 from test_host_train import train  # noqa: E402  (D2FTrain as the executor runs it)
 
 MERGE_TOL = 1e-4      # merged fp32 weights vs bypass adapters, same inputs
-EVAL_SIGMAS = (0.25, 0.5, 0.75)
-LORA = dict(mode="lora", steps=6, learning_rate=3e-3, rank=4, lora_targets="attention")
-FULL = dict(mode="full", steps=3, learning_rate=1e-4)
+EVAL_SIGMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # one fixed ε each
+LORA = dict(mode="lora", steps=16, learning_rate=1e-2, rank=4, lora_targets="attention")
+DIT_LR = 2e-3
+FULL = dict(mode="full", steps=2, learning_rate=1e-3)
 
 IMAGE_CONDITIONED = {"sd21_unclip_l", "sd21_unclip_h", "sd15_ip2p", "sdxl_ip2p"}  # train with their inputs
 REFUSED = {"sd_x4_upscaler": "SD ×4 upscaler", "lotus_d": "LotusD"}
@@ -151,7 +152,8 @@ def test_lora_lowers_the_loss_and_round_trips_through_the_core_loader(host, pack
     adapters_mod = pack.adapters
     fam, model = case.family, case.model
     base_loss = flow_loss(host, model, case)
-    trained = train(host, model, [case.latent], [case.positive], **LORA)
+    # The DiTs' attention LoRA overshoots at the UNets' rate (HunyuanDiT's loss rose at 1e-2).
+    trained = train(host, model, [case.latent], [case.positive], **dict(LORA, learning_rate=DIT_LR if fam.dit else LORA["learning_rate"]))
     losses = trained.losses
     assert len(losses) == LORA["steps"] and all(map(torch.isfinite, torch.tensor(losses)))
     after = flow_loss(host, trained.model, case)
