@@ -9,40 +9,87 @@ import torch
 
 from ..d2f_core.training.couplings import couplings_buckets
 from ..d2f_core.training.data import DatasetError
-from .flow_sampling import FlowBridgeSampling, flow_model_sampling
+from .flow_sampling import FlowBridgeSampling, family_of, flow_model_sampling
+
+
+# Families the training nodes refuse before any work, by host class: why, and what to use instead.
+_NOT_TRAINABLE = {
+    "SD_X4Upscaler": "its inputs are a low-resolution image, noise-augmented anew from each sampling seed, and that "
+                     "augmentation's noise level as a class label; D2FTrain has no low-resolution input to build them "
+                     "from, and a fixed augmentation per image would teach it one noise draw. D2FFlowPatch samples it; "
+                     "fine-tune it with an upscaler training script",
+}
+
+# The image channels InstructPix2Pix concatenates to its input: without them (the host substitutes zeros) a
+# fine-tune would teach the edit model to ignore its source image.
+_NEEDS_CONCAT = {"SD15_instructpix2pix", "SDXL_instructpix2pix"}
+
+
+def _host_class(model) -> str:
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    return type(config).__name__ if config is not None else ""
 
 
 def bridge_sampling_of(model) -> FlowBridgeSampling:
-    """The model's flow view: its own if already patched, else a fresh one (refusing flow-native models)."""
+    """The model's flow view: its own if already patched, else a fresh one (refusing flow-native models and the
+    families the training nodes cannot build inputs for)."""
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, FlowBridgeSampling):
         sampling = flow_model_sampling(model)
     if sampling.bridge.input_space != "vp":
         # LotusD maps an image latent to a prediction latent in one step: the patch samples it exactly, but a
-        # denoising fine-tune from noise is not its task (issue 13 part 2 decides how it trains).
-        raise ValueError(f"D2FTrain and D2FReflowPairs do not support {sampling.family or 'this model'} yet: it predicts "
+        # denoising fine-tune from noise is not its task.
+        raise ValueError(f"D2FTrain and D2FReflowPairs do not support {sampling.family or 'this model'}: it predicts "
                          "x0 from an unscaled image latent (image to prediction), it is not a denoiser from noise. "
                          "D2FFlowPatch samples it.")
+    why = _NOT_TRAINABLE.get(_host_class(model))
+    if why:
+        raise ValueError(f"D2FTrain and D2FReflowPairs do not support {sampling.family}: {why}.")
     return sampling
 
 
-def unet_kwargs(model, pair, latent_shape) -> dict[str, torch.Tensor]:
-    """One CONDITIONING entry [cross_attn, extras] → the UNet's keyword tensors for one sample
-    (``context``, and ``y`` for SDXL's size/pooled embedding), via the host model's own ``extra_conds``."""
+# extra_conds entries the diffusion model takes under another name (BaseModel._apply_model): the text as
+# ``context``. ``c_concat`` keeps its name: the training net concatenates it to the input channels, as
+# _apply_model does. Every other entry is a keyword of the diffusion model's forward as it is (SDXL's ``y``,
+# PixArt's ``c_size``/``c_ar``, HunyuanDiT's masks, mT5 states and ``image_meta_size``).
+_RENAMED = {"c_crossattn": "context"}
+
+
+def unet_kwargs(model, pair, latent_shape, need_image: bool = True) -> dict[str, torch.Tensor]:
+    """One CONDITIONING entry [cross_attn, extras] → the diffusion model's keyword tensors for one sample (no
+    batch dim), via the host model's own ``extra_conds``: whatever the family adds (SDXL's size/pooled ``y``,
+    unCLIP's image embedding in ``y``, InstructPix2Pix's ``c_concat``, the DiTs' size and mask inputs) is built
+    exactly as the host builds it for sampling. ``need_image``: refuse an InstructPix2Pix caption without its
+    source image (the empty prompt for caption dropout may go without: the host's unconditional is zeros)."""
     cross_attn, extras = pair[0], dict(pair[1])
+    family = family_of(model)
+    if need_image and _host_class(model) in _NEEDS_CONCAT and extras.get("concat_latent_image") is None:
+        raise ValueError(f"D2FTrain: {family} needs each caption's source image: pass every positive conditioning "
+                         "through InstructPixToPixConditioning (with that image) before training.")
     params = dict(extras)
     params.update(cross_attn=cross_attn, device=cross_attn.device, noise=torch.zeros((1,) + tuple(latent_shape)),
                   prompt_type="positive")
     params.setdefault("width", latent_shape[-1] * 8)
     params.setdefault("height", latent_shape[-2] * 8)
     conds = model.model.extra_conds(**params)
-    unsupported = sorted(set(conds) - {"c_crossattn", "y"})
-    if unsupported:
-        raise ValueError(f"D2FTrain cannot train this model type yet: it needs extra inputs {unsupported} "
-                         "(inpainting/edit models). Use a plain text-to-image checkpoint.")
-    out = {"context": conds["c_crossattn"].cond[0]}
-    if "y" in conds:
-        out["y"] = conds["y"].cond[0]
+    if "c_concat" in conds and _host_class(model) not in _NEEDS_CONCAT:
+        # Inpainting and other concat-conditioned models: their extra channels (mask, masked image, …) are built
+        # from inputs a caption does not carry; the host would fill in blanks and the fine-tune would learn those.
+        raise ValueError(f"D2FTrain cannot train {family} (an inpainting or image-conditioned model with extra input "
+                         "channels) yet. Use a plain text-to-image checkpoint.")
+    out = {}
+    for key, cond in conds.items():
+        value = getattr(cond, "cond", None)
+        if not torch.is_tensor(value):
+            raise ValueError(f"D2FTrain cannot train {family} with this conditioning: its input '{key}' is not a "
+                             f"tensor ({type(value).__name__}). Use plain text conditioning.")
+        if value.shape[0] != 1:
+            raise ValueError(f"D2FTrain: {family}'s input '{key}' has batch {value.shape[0]} for one caption: give "
+                             "one conditioning entry per image.")
+        out[_RENAMED.get(key, key)] = value[0]
+    if "context" not in out:
+        raise ValueError(f"D2FTrain: the conditioning gave {family} no text input: connect CLIP Text Encode output.")
+    # float32 (cast to the training dtype later): masks and sizes too, which the models read as float or bool.
     return {k: v.detach().clone().float() for k, v in out.items()}
 
 
@@ -101,7 +148,7 @@ def empty_prompt_kwargs(model, conditioning, latent_shape) -> dict[str, torch.Te
     entries = _conditioning_entries(conditioning)
     if not entries:
         return None
-    return unet_kwargs(model, entries[0], latent_shape)
+    return unet_kwargs(model, entries[0], latent_shape, need_image=False)
 
 
 def coupling_buckets_for(model, couplings: list) -> list[tuple]:

@@ -42,7 +42,7 @@ from .ui_events import TrainingReporter
 from .validation_node import ValidationIO, ValidationRun, plan_validation
 
 CATEGORY = "Diff2Flow"
-CHECKPOINT_BLOCKS = ("ResBlock", "SpatialTransformer")
+CHECKPOINT_BLOCKS = ("ResBlock", "SpatialTransformer", "PixArtMSBlock", "HunYuanDiTBlock")  # UNets; DiTs
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -445,11 +445,13 @@ class TrainingRun:
         # the LoRA hooks cast their own factors (without it every layer fails on a float32 weight, bf16 input).
         autocast = self.mode == "full" and self.dtype != torch.float32
 
-        def net(x, t, context, y=None):
+        def net(x, t, c_concat=None, **cond):  # cond: the family's extra_conds tensors by keyword (train_inputs)
+            if c_concat is not None:  # InstructPix2Pix's source-image channels, after the input as _apply_model puts them
+                x = torch.cat([x, c_concat.to(x.dtype)], dim=1)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=self.dtype, enabled=autocast, cache_enabled=False):
-                return adapters(x, t, context=context, y=y, control=None, transformer_options={})
+                return adapters(x, t, control=None, transformer_options={}, **cond)
         self.net = net
         train_net = net
         compile_, graphs, why_eager = fast_paths(device.type, self.opts, ddp=self.dist.backend is not None)

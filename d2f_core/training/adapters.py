@@ -39,14 +39,17 @@ __all__ = ["LoraAdapters", "FullAdapters", "attention_only", "merge_lora_into", 
 
 Include = Callable[[str, nn.Module], bool]
 
-#: Name fragments of the modules inside SD/SDXL transformer blocks (see :func:`attention_only`).
+#: Name fragments of the modules inside SD/SDXL transformer blocks (see :func:`attention_only`). ``attn``
+#: also picks the DiTs' attention: PixArt's ``blocks.N.attn.{qkv,proj}`` and ``blocks.N.cross_attn.{q,kv}_linear/
+#: proj``, HunyuanDiT's ``blocks.N.attn1.{Wqkv,out_proj}`` and ``blocks.N.attn2.{q,kv,out}_proj``; none of their
+#: other linears (embedders, block MLPs, modulation, pooler, final layer) carries one of these fragments.
 ATTENTION_MARKERS = ("transformer_blocks", "attn", "proj_in", "proj_out", "ff.net")
 
 
 def attention_only(name: str, module: nn.Module) -> bool:
     """``include`` predicate for lighter LoRAs: keep modules inside the transformer blocks only
     (qualified name contains one of :data:`ATTENTION_MARKERS`); skips ResNet convs, time/label embeddings
-    and the in/out convs."""
+    and the in/out convs. On the DiTs (PixArt, HunyuanDiT): their self- and cross-attention linears only."""
     return any(marker in name for marker in ATTENTION_MARKERS)
 
 
