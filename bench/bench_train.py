@@ -71,6 +71,8 @@ def run_node(nodes, node_id: str, lists: tuple[str, ...] = (), **inputs):
     schema defaults for what is not given."""
     import torch
     from comfy_api.internal import make_locked_method_func
+    if node_id == "D2FTrain":
+        inputs = with_option_nodes(nodes, inputs)
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     cls.VALIDATE_CLASS()
     schema = cls.GET_SCHEMA()
@@ -80,6 +82,23 @@ def run_node(nodes, node_id: str, lists: tuple[str, ...] = (), **inputs):
     fn = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(None))
     with torch.inference_mode():
         return fn(**{k: v if k in lists else [v] for k, v in inputs.items()})
+
+
+def with_option_nodes(nodes, settings: dict) -> dict:
+    """D2FTrain's inputs for settings named flat (its widgets before issue 12): each group of settings that moved
+    to an option node (web/legacy_widgets.json) becomes that node's output on D2FTrain's input, the rest of the
+    group at the node's defaults, as a migrated workflow runs."""
+    with open(os.path.join(ROOT, "web", "legacy_widgets.json"), encoding="utf-8") as f:
+        moved = json.load(f)["D2FTrain"]["moved"]
+    out = dict(settings)
+    for option_type, spec in moved.items():
+        given = {new: out.pop(old) for old, new in spec["widgets"].items() if old in out}
+        if given:
+            values = {i.id: i.default for i in nodes.NODE_CLASS_MAPPINGS[option_type].GET_SCHEMA().inputs}
+            values.update(given)
+            result = run_node(nodes, option_type, lists=tuple(values), **values)  # not a list-input node
+            out[spec["input"]] = result.args[0] if hasattr(result, "args") else result[0]
+    return out
 
 
 def write_unet(path: str, config: dict, device) -> None:
