@@ -243,8 +243,8 @@ def test_reflow_pairs_and_training_on_them(host, pack, case):
 
 
 def _options(host, **overrides):
-    from test_host_train import train_options
-    return train_options(host, **overrides)
+    from test_host_train import train_options  # flat settings; the moved ones go through their option nodes
+    return comfy_host.d2f_train_inputs(host, train_options(host, **overrides))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,10 +274,10 @@ def test_train_on_couplings_uses_each_pairs_noise_through_its_start(host, sd15_m
     seen = []
 
     class SpyTrainer(train_node.Trainer):
-        def loss(self, x0, cond, generator, noise=None, offsets=None):
+        def loss(self, x0, cond, generator, noise=None, *args):
             seen.append((x0.detach().cpu().clone(), None if noise is None else noise.detach().cpu().clone(),
                          cond["context"].detach().cpu().clone()))
-            return super().loss(x0, cond, generator, noise, offsets)
+            return super().loss(x0, cond, generator, noise, *args)
     monkeypatch.setattr(train_node, "Trainer", SpyTrainer)
 
     model, lora, loss, steps = train(host, sd15_model, couplings=[c])  # no latents, no positive

@@ -63,7 +63,7 @@ def validation(host, **kw):
 def run_train(host, model, validation_spec, latents=None, positive=None, empty=None, couplings=None, **overrides):
     opts = dict(steps=STEPS, batch_size=1, run_name="valid_test")
     opts.update(overrides)
-    inputs = {k: [v] for k, v in train_options(host, **opts).items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, train_options(host, **opts)).items()}
     inputs.update(model=[model], validation=[validation_spec])
     if latents is not None:
         inputs.update(latents=list(latents), positive=list(positive))
@@ -217,8 +217,8 @@ def test_validation_uses_the_ema_weights(host, sd15_model, pack, mods, monkeypat
     monkeypatch.setattr(node.ValidationRun, "__call__", call)
     monkeypatch.setattr(node.Validator, "run", run)
     latents, positive = dataset(3, seed=16)
-    inputs = {k: [v] for k, v in train_options(host, steps=STEPS, batch_size=2, learning_rate=1e-2,
-                                                  run_name="valid_ema").items()}
+    inputs = {k: [v] for k, v in comfy_host.d2f_train_inputs(host, train_options(
+        host, steps=STEPS, batch_size=2, learning_rate=1e-2, run_name="valid_ema")).items()}
     inputs.update(model=[sd15_model], latents=list(latents), positive=list(positive),
                   validation=[validation(host, images=0)],
                   ema=[host.run1("D2FEMA", decay=0.5, warmup=False, dtype="fp32")])
