@@ -58,7 +58,8 @@ def defs(server):
 
 def _prompt(defs, **train) -> dict:
     prompt = wf.to_api(wf.load(path_of(TRAIN)), defs)
-    wf.apply_overrides(prompt, tiny_overrides(prompt) + SETTINGS + [("D2FTrain", k, v) for k, v in train.items()])
+    wf.apply_overrides(prompt, tiny_overrides(prompt) + SETTINGS + [("D2FTrain", k, v) for k, v in train.items()],
+                      defs)
     return prompt
 
 
