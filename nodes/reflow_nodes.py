@@ -7,9 +7,11 @@ this module only drives the host's sampler and reports progress.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import pickle
 
 import comfy.model_management as mm
 import comfy.samplers
@@ -25,6 +27,8 @@ from ..d2f_core.training.distributed import DistributedContext
 from ..d2f_core.training.data import _common_length, stack_conditioning
 from ..d2f_core.storage.files import folder_name, resolve_inside
 from ..d2f_core.flow.samplers import flow_sigmas, sample_euler_flow
+from .flow_sampling import FlowBridgeSampling
+from .local_workers import gpu_choices, local_world, world_size_for
 from .train_inputs import _conditioning_entries, bridge_sampling_of, unet_kwargs
 
 CATEGORY = "Diff2Flow"
@@ -32,6 +36,10 @@ COUPLINGS_DIR = "d2f_couplings"
 COUPLINGS_TYPE = "D2F_COUPLINGS"
 NO_FOLDERS = "(none yet)"
 CouplingsIO = io.Custom(COUPLINGS_TYPE)
+PAIRS_GPUS_TOOLTIP = ("Make the pairs on this many local GPUs at once: this ComfyUI is the first, it starts one worker "
+                      "process per other GPU (each loads its own copy of the model from its file); the chunks are dealt "
+                      "round-robin, and the pairs are the same tensors whatever the count. all: every GPU. Without a GPU, "
+                      "a count above 1 starts CPU processes. The stop button stops them all.")
 
 
 def _first(value):
@@ -241,6 +249,8 @@ class D2FReflowPairs(io.ComfyNode):
                                         "(sub-folders separated by '/'; no absolute paths, no '..'). An existing "
                                         "folder made with the same settings is continued; one made with other settings is "
                                         "refused. Files are written whole or not at all, never replacing one."),
+                io.Combo.Input("gpus", options=gpu_choices(), default="1", advanced=True, optional=True,
+                               tooltip=PAIRS_GPUS_TOOLTIP),
             ],
             outputs=[
                 CouplingsIO.Output(display_name="couplings", tooltip="The (noise, sample, prompt) pairs, for D2FTrain's couplings input."),
@@ -266,18 +276,16 @@ class D2FReflowPairs(io.ComfyNode):
         folder = couplings_folder(opts["name"])
 
         # Everything that can be wrong with the inputs fails here, before any sampling.
+        world_size = world_size_for("D2FReflowPairs", opts.get("gpus"), model)
+        if world_size > 1 and os.path.isdir(folder) and folder_pair_count(folder) >= count:
+            world_size = 1  # nothing left to make: no worker to start (the folder's identity is checked below)
         sampling = bridge_sampling_of(model)
-        flow = model
-        if not isinstance(model.get_model_object("model_sampling"), type(sampling)):
-            flow = model.clone()
-            flow.add_object_patch("model_sampling", sampling)
         latent_format = model.get_model_object("latent_format")
         ratio = int(getattr(latent_format, "spacial_downscale_ratio", 8) or 8)
         shape = (int(latent_format.latent_channels), int(opts["height"]) // ratio, int(opts["width"]) // ratio)
         if negative is None:
             raise ValueError("connect a negative prompt (CLIP Text Encode of '' works)")
         entries = prompt_entries([p for p in (positive or []) if p is not None])
-        table = prompt_table(model, entries, shape)
         meta = {
             "model": model_fingerprint(model), "model_type": type(model.model).__name__,
             "prediction": sampling.prediction, "label_offset": float(sampling.bridge.label_offset),
@@ -286,40 +294,124 @@ class D2FReflowPairs(io.ComfyNode):
             "prompts": [conditioning_digest([e]) for e in entries], "negative": conditioning_digest(negative),
             "pack_version": PACK_VERSION, "batch_size": batch_size,
         }
-        ctx = DistributedContext.from_environment()  # single() unless under torchrun (DESIGN §7)
-        try:
-            writer = CouplingsWriter.open(folder, meta, table, ctx)
-        except CouplingsError as exc:
-            raise ValueError(f"D2FReflowPairs: {exc}") from None
-
-        missing = missing_chunks(writer.ranges, count, batch_size)
-        if missing:
-            mine = sum(n for _, n in ctx.deal(missing))
-            run = PairSampler(flow, entries, negative, cfg, flow_sigmas(steps, float(sampling.sigma_max), shift),
-                              seed, total=mine * steps, node_id=cls.hidden.unique_id, progress=ctx.is_main)
-            if ctx.is_main:
-                ranks = f" on {ctx.world_size} ranks" if ctx.distributed else ""
-                logging.info(f"D2FReflowPairs: {writer.count} pairs in '{folder}', making "
-                             f"{sum(n for _, n in missing)} more{ranks}")
-            try:
-                generate(writer, count, batch_size, run.sample, seed=seed, shape=shape,
-                         should_stop=mm.processing_interrupted, dist=ctx)
-            except mm.InterruptProcessingException:
-                pass
-            except torch.OutOfMemoryError:
-                raise RuntimeError(
-                    f"D2FReflowPairs ran out of GPU memory at batch size {batch_size} ({writer.count} pairs are saved in "
-                    f"'{folder}'). Lower batch_size and run again: it continues from there.") from None
-            if writer.count < count:  # stopped: keep and return what is finished
-                mm.interrupt_current_processing(False)
-                if writer.count == 0:
-                    raise mm.InterruptProcessingException()
-                if ctx.is_main:
-                    logging.info(f"D2FReflowPairs: stopped with {writer.count}/{count} pairs in '{folder}'; "
-                                 "run again with the same inputs to continue")
-        # generate's last collective came after every rank's last chunk: each rank loads the whole folder
-        couplings = load_couplings(folder, limit=min(count, writer.count))
+        job = PairsJob(folder=folder, meta=meta, table=prompt_table(model, entries, shape), entries=entries,
+                       negative=negative, cfg=cfg, sigmas=flow_sigmas(steps, float(sampling.sigma_max), shift),
+                       seed=seed, count=count, batch_size=batch_size, shape=shape, bridge=sampling.bridge,
+                       family=sampling.family, schedule_source=sampling.schedule_source,
+                       model_patches=_patches_for_workers(model) if world_size > 1 else {})
+        with local_world("D2FReflowPairs", world_size, model, pairs_worker, job=job) as world:
+            world.kept = lambda: (f"Kept: {folder_pair_count(folder)} pairs in '{folder}'; run D2FReflowPairs again "
+                                  "with the same inputs to continue.")
+            made = make_pairs(_flow_model(model, job, sampling), job, node_id=cls.hidden.unique_id)
+        # generate's last collective came after every rank's last chunk: the folder holds every rank's pairs
+        couplings = load_couplings(folder, limit=min(count, made))
         return io.NodeOutput(couplings, len(couplings))
+
+
+@dataclasses.dataclass
+class PairsJob:
+    """What every process of a D2FReflowPairs run needs, decided once by rank 0 (the node) and sent to the worker
+    processes of ``gpus`` > 1 as it is (plain values and CPU tensors). The model's flow view travels as its
+    ``bridge`` (the host's own model_sampling is not picklable): each process rebuilds it on its copy's."""
+    folder: str
+    meta: dict
+    table: dict
+    entries: list
+    negative: list
+    cfg: float
+    sigmas: torch.Tensor
+    seed: int
+    count: int
+    batch_size: int
+    shape: tuple
+    bridge: object
+    family: str
+    schedule_source: str
+    model_patches: dict  # model_options and object patches a worker's reloaded copy must carry too
+
+
+def _patches_for_workers(model) -> dict:
+    """The sampling-relevant patches of ``model`` beyond its weights (a worker reloads the file and its weight
+    patches; see local_workers): its model_options (CFG functions, attention patches) and its object patches but
+    the flow patch. Refused, before anything starts, when they cannot be sent to another process."""
+    patches = {"model_options": model.model_options,
+               "object_patches": {k: v for k, v in model.object_patches.items() if k != "model_sampling"}}
+    try:
+        pickle.dumps(patches)
+    except Exception as exc:  # noqa: BLE001  (closures, locks, host objects: whatever it is, say so)
+        raise ValueError("D2FReflowPairs: gpus > 1 sends the model to worker processes, but a patch on it cannot be "
+                         f"sent ({type(exc).__name__}: {exc}). Apply that patch after D2FReflowPairs' run (it only "
+                         "changes sampling), or set gpus to 1.") from None
+    return patches
+
+
+def _flow_model(model, job: PairsJob, sampling=None):
+    """``model`` sampled in flow time: as it is when flow-patched, else a clone with the flow view (``sampling``,
+    or one rebuilt from the job's bridge over the model's own model_sampling)."""
+    base = model.get_model_object("model_sampling")
+    if isinstance(base, FlowBridgeSampling):
+        return model
+    flow = model.clone()
+    flow.add_object_patch("model_sampling", sampling if sampling is not None else
+                          FlowBridgeSampling(base, job.bridge, job.family, job.schedule_source))
+    return flow
+
+
+def make_pairs(flow, job: PairsJob, node_id=None) -> int:
+    """This process's part of the run (rank 0: the node; others: :func:`pairs_worker`): open the folder, make the
+    chunks :func:`generate` deals this rank, and return the pairs the folder holds from 0 on. Progress and
+    previews on rank 0 only. A stop on rank 0 keeps what is finished; a run that ended short for another
+    reason (a worker's error) raises, so that the node fails naming it."""
+    ctx = DistributedContext.from_environment()  # single() unless under torchrun or the gpus workers (DESIGN §7)
+    try:
+        writer = CouplingsWriter.open(job.folder, job.meta, job.table, ctx)
+    except CouplingsError as exc:
+        raise ValueError(f"D2FReflowPairs: {exc}") from None
+    missing = missing_chunks(writer.ranges, job.count, job.batch_size)
+    if not missing:
+        return writer.count
+    steps = len(job.sigmas) - 1
+    mine = sum(n for _, n in ctx.deal(missing))
+    run = PairSampler(flow, job.entries, job.negative, job.cfg, job.sigmas, job.seed, total=mine * steps,
+                      node_id=node_id, progress=ctx.is_main)
+    if ctx.is_main:
+        ranks = f" on {ctx.world_size} ranks" if ctx.distributed else ""
+        logging.info(f"D2FReflowPairs: {writer.count} pairs in '{job.folder}', making "
+                     f"{sum(n for _, n in missing)} more{ranks}")
+    stopped = []  # this process was told to stop (the host's interrupt: rank 0's stop button)
+
+    def should_stop() -> bool:
+        if mm.processing_interrupted():
+            stopped.append(True)
+        return bool(stopped)
+    try:
+        generate(writer, job.count, job.batch_size, run.sample, seed=job.seed, shape=job.shape,
+                 should_stop=should_stop, dist=ctx)
+    except mm.InterruptProcessingException:
+        stopped.append(True)
+    except torch.OutOfMemoryError:
+        raise RuntimeError(
+            f"D2FReflowPairs ran out of GPU memory at batch size {job.batch_size} ({writer.count} pairs are saved in "
+            f"'{job.folder}'). Lower batch_size and run again: it continues from there.") from None
+    if writer.count >= job.count or not ctx.is_main:
+        return writer.count
+    if not stopped:  # every rank stopped because another one failed: that one is named by the gpus workers
+        raise RuntimeError(f"D2FReflowPairs: another process of the run failed ({writer.count}/{job.count} pairs are "
+                           f"saved in '{job.folder}')")
+    mm.interrupt_current_processing(False)
+    if writer.count == 0:
+        raise mm.InterruptProcessingException()
+    logging.info(f"D2FReflowPairs: stopped with {writer.count}/{job.count} pairs in '{job.folder}'; "
+                 "run again with the same inputs to continue")
+    return writer.count
+
+
+def pairs_worker(model, job: PairsJob) -> None:
+    """D2FReflowPairs on a worker rank of ``gpus`` > 1: this rank's chunks with its reloaded copy of the model."""
+    model.model_options = job.model_patches.get("model_options", model.model_options)
+    for name, value in job.model_patches.get("object_patches", {}).items():
+        model.add_object_patch(name, value)
+    make_pairs(_flow_model(model, job), job)
 
 
 class PairSampler:

@@ -1,10 +1,11 @@
-"""D2FTrain's ``gpus`` input from the real ComfyUI server (DESIGN §7): ``main.py --cpu`` with the pack installed,
+"""D2FTrain's and D2FReflowPairs' ``gpus`` input from the real ComfyUI server (DESIGN §7): ``main.py --cpu`` with the pack installed,
 driven over HTTP as the frontend drives it (POST /prompt, GET /history, POST /interrupt). On the CPU ``gpus=2``
 means the server process (rank 0) and one spawned worker process talking through gloo.
 
 Compared with one process training the global batch in the same server, not "it ran". Three runs start a worker
 (a process start costs more than the training here): one that finishes, one whose worker is SIGKILLed after rank 0
-saved step 2, one stopped with the stop button.
+saved step 2, one stopped with the stop button. Pairs: gpus=2 makes the tensors gpus=1 makes; a killed worker fails
+the run naming its rank, and one process then finishes the folder with the same pairs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfy_host  # noqa: E402
 
 from d2f_core.storage.state import read_state_meta  # noqa: E402
+from d2f_core.training.couplings import folder_pair_count, load_couplings  # noqa: E402
 from d2f_host import examples, frontend  # noqa: E402
 from d2f_host import workflow as wf  # noqa: E402
 from test_workflows import path_of, tiny_overrides  # noqa: E402
@@ -240,6 +243,14 @@ def test_gpus_values_and_refusals_before_any_work(host, sd15_model):
     with pytest.raises(ValueError, match="load it with a core loader, or set gpus to 1"):
         local_workers.world_size_for("D2FTrain", "2", custom)
 
+    # D2FReflowPairs sends the model's sampling patches to its workers: one that cannot be sent is refused up front
+    reflow_nodes = next(m for n, m in sys.modules.items() if n.endswith(".nodes.reflow_nodes"))
+    assert reflow_nodes._patches_for_workers(sd15_model)["object_patches"] == {}
+    patched = sd15_model.clone()
+    patched.set_model_sampler_cfg_function(lambda args: args["cond"])  # a closure: no pickling it
+    with pytest.raises(ValueError, match="a patch on it cannot be sent.*or set gpus to 1"):
+        reflow_nodes._patches_for_workers(patched)
+
 
 def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_batch_does(server, defs,
                                                                                          record_measure):
@@ -277,3 +288,86 @@ def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_ba
         print(f"step {step}: weights differ by {worst:.2e} of the largest weight; training moved them {moved:.2e}")
         assert worst <= 1e-5 and moved > 10 * worst, (step, worst, moved)
     assert not _workers(server), "a worker outlived the run"
+
+
+# --- D2FReflowPairs' gpus -------------------------------------------------------------------------------------------
+PAIRS_SETTINGS = dict(count=12, width=64, height=64, steps=2, cfg=3.0, seed=5, batch_size=2, shift=1.0)
+
+
+def _pairs_prompt(name: str, gpus: str, **settings) -> dict:
+    """Checkpoint → prompt and negative → D2FReflowPairs → Preview as Text of its count (an output node, so that the
+    host runs it)."""
+    ckpt = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": examples.SD15_CKPT}}
+    text = lambda t: {"class_type": "CLIPTextEncode", "inputs": {"text": t, "clip": ["1", 1]}}  # noqa: E731
+    return {
+        "1": ckpt, "2": text("a red house"), "4": text(""),
+        "5": {"class_type": "D2FReflowPairs", "inputs": dict(PAIRS_SETTINGS, **settings, model=["1", 0],
+                                                             positive=["2", 0], negative=["4", 0], name=name,
+                                                             gpus=gpus)},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}},
+    }
+
+
+def _pairs_folder(server, name: str) -> str:
+    return os.path.join(server.output_dir, "d2f_couplings", name)
+
+
+@pytest.fixture(scope="module")
+def pairs_reference(server):
+    """The pairs one process (gpus=1) makes."""
+    entry = _wait(server, _queue(server, _pairs_prompt("pairs_gpus1", "1")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+    return load_couplings(_pairs_folder(server, "pairs_gpus1"))
+
+
+def _pair_difference(a, b) -> float:
+    assert a.noise.shape == b.noise.shape and torch.equal(a.noise, b.noise), "pair noise must not depend on the ranks"
+    assert torch.equal(a.prompt_index, b.prompt_index)
+    return float((a.x0 - b.x0).abs().max() / b.x0.abs().max())
+
+
+def test_pairs_on_gpus_2_are_the_pairs_one_process_makes(server, pairs_reference, record_measure):
+    seen = set()
+    entry = _wait(server, _queue(server, _pairs_prompt("pairs_gpus2", "2")), seen)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+    assert len(seen) == 1, f"expected one worker process, saw {seen}"
+    assert all(_gone(p) for p in seen) and not _workers(server), "a worker outlived the run"
+    assert len(pairs_reference) == PAIRS_SETTINGS["count"]
+    two = load_couplings(_pairs_folder(server, "pairs_gpus2"))
+    worst = _pair_difference(two, pairs_reference)
+    record_measure("D2FReflowPairs gpus=2 vs gpus=1 (server), x0 of 12 pairs", worst, "<= 1e-5")
+    assert worst <= 1e-5
+    # chunks of both ranks: rank 1 made chunks 1, 3, 5 (pairs 2-3, 6-7, 10-11) in its own files
+    chunks = sorted(n for n in os.listdir(_pairs_folder(server, "pairs_gpus2")) if n.startswith("chunk_"))
+    assert len(chunks) == 6, chunks
+
+
+def test_pairs_worker_killed_fails_naming_its_rank_and_one_process_finishes_the_folder(server, pairs_reference,
+                                                                                       record_measure):
+    folder = _pairs_folder(server, "pairs_killed")
+    seen = set()
+    prompt_id = _queue(server, _pairs_prompt("pairs_killed", "2", count=4000))
+    deadline = time.monotonic() + 300
+    while not (os.path.isdir(folder) and folder_pair_count(folder) >= 2) and time.monotonic() < deadline:
+        seen.update(_workers(server))
+        time.sleep(0.05)
+    workers = _workers(server)
+    assert len(workers) == 1, (workers, server.log_tail(40))
+    os.kill(workers[0], signal.SIGKILL)
+    killed = time.monotonic()
+    entry = _wait(server, prompt_id, seen, timeout=120)
+    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"], default=str)[:3000]
+    message = _error_of(entry).get("exception_message", "")
+    assert "rank 1 was killed by SIGKILL" in message and "Kept:" in message and "pairs in" in message, message
+    assert time.monotonic() - killed < 60
+    assert all(_gone(p) for p in seen) and not _workers(server)
+    # what a loader lists is whole (a write the kill cut short leaves only a hidden temp file)
+    assert all(n.endswith(".safetensors") for n in os.listdir(folder) if not n.startswith(".")), os.listdir(folder)
+
+    # the same inputs on one process: it makes the chunks the killed run left out, and the pairs are the reference's
+    entry = _wait(server, _queue(server, _pairs_prompt("pairs_killed", "1")))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+    resumed = load_couplings(folder, limit=PAIRS_SETTINGS["count"])
+    worst = _pair_difference(resumed, pairs_reference)
+    record_measure("D2FReflowPairs killed gpus=2 run continued on gpus=1 vs gpus=1, x0 of 12 pairs", worst, "<= 1e-5")
+    assert worst <= 1e-5
