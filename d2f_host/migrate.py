@@ -160,7 +160,8 @@ def migrate_prompt(prompt: dict, defs: dict) -> dict:
 def route_override(prompt: dict, selector: str, name: str, value, defs: dict) -> int:
     """``--set D2FTrain.training_dtype=fp32`` and the like: a setting that moved to an option node, set on the
     node feeding that D2FTrain's input, or on a new one (defaults plus this value) linked to it. The setting is
-    named as it was on D2FTrain (``ss_probability``) or as on its option node (``probability``). Returns how many
+    named as it was on D2FTrain (``ss_probability``) or as on its option node (``probability``, also a setting the
+option node gained later, such as ``sharding``). Returns how many
     nodes it reached (in place)."""
     hits = 0
     for node_id, entry in list(prompt.items()):
@@ -169,7 +170,8 @@ def route_override(prompt: dict, selector: str, name: str, value, defs: dict) ->
                 node_id, typ, (entry.get("_meta") or {}).get("title")):
             continue
         for option_type, spec in table()[typ]["moved"].items():
-            new = spec["widgets"].get(name) or (name if name in spec["widgets"].values() else None)
+            new = spec["widgets"].get(name) or (name if name in spec["widgets"].values()
+                                                or name in _value_defaults(defs[option_type]) else None)
             if new is None:
                 continue
             inputs = entry.setdefault("inputs", {})

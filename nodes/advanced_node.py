@@ -1,5 +1,5 @@
 """D2FTrainAdvanced: D2FTrain's rarely changed settings (LoRA layout, objective, time sampling, learning-rate
-schedule, optimizer, precision, speed switches, caption dropout), as a small node feeding its optional
+schedule, optimizer, precision, speed switches, caption dropout, sharding), as a small node feeding its optional
 ``advanced`` input (issue 12: D2FTrain keeps the everyday widgets only)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..d2f_core.flow.losses import TIME_SAMPLINGS
-from ..d2f_core.training.options import LORA_TARGETS, TRAINING_DTYPES, AdvancedOptions
+from ..d2f_core.training.options import LORA_TARGETS, SHARDINGS, TRAINING_DTYPES, AdvancedOptions
 from ..d2f_core.training.trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS
 
 CATEGORY = "Diff2Flow"
@@ -62,6 +62,13 @@ class D2FTrainAdvanced(io.ComfyNode):
                 io.Float.Input("caption_dropout", default=D.caption_dropout, min=0.0, max=1.0, step=0.01,
                                tooltip="Probability of training a sample on the empty prompt (needs D2FTrain's "
                                        "empty_conditioning); keeps CFG working."),
+                io.Combo.Input("sharding", options=list(SHARDINGS), default=D.sharding,
+                               tooltip="Full fine-tunes on several GPUs (D2FTrain's gpus, d2f run --nproc-per-node, "
+                                       "torchrun). ddp: every GPU holds the whole training state. fsdp: the weights, "
+                                       "gradients and optimizer state are split over the GPUs (FSDP), for models whose "
+                                       "full fine-tune does not fit one GPU; more communication per step. auto: fsdp "
+                                       "only when the memory estimate says ddp does not fit and fsdp does. LoRA always "
+                                       "uses ddp."),
             ],
             outputs=[AdvancedOptionsIO.Output(display_name="advanced", tooltip="For D2FTrain's advanced input.")],
         )

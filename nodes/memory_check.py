@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..d2f_core.training.adapters import attention_only
 from ..d2f_core.training.checkpointing import blocks_by_class_name
+from ..d2f_core.training.options import SHARDINGS
 from ..d2f_core.training.memory import (CHECKPOINTING_CHOICES, MemoryPreflightError, Preflight, RunSettings,
                                         checkpointing_choice, data_bytes, family_of, network_facts, preflight)
 
@@ -74,7 +75,6 @@ def _context_tokens(buckets) -> int:
     return longest or 77
 
 
-SHARDINGS = ("auto", "ddp", "fsdp")
 
 
 def sharding_choice(opts: dict, world: int) -> str:

@@ -165,14 +165,6 @@ class D2FTrain(io.ComfyNode):
                                    tooltip="From D2FValidation: every N steps and at the end, a held-out loss (second "
                                            "chart series), a fixed-seed sample grid saved in the run's folder and, "
                                            "for Reflow, straightness. Its time is not counted in samples/s."),
-                io.Combo.Input("sharding", options=list(memory_check.SHARDINGS), default="auto", advanced=True,
-                               optional=True,
-                               tooltip="Full fine-tunes on several GPUs (gpus, d2f run --nproc-per-node, torchrun). ddp: "
-                                       "every GPU holds the whole training state. fsdp: the weights, gradients and "
-                                       "optimizer state are split over the GPUs (FSDP), for models whose full "
-                                       "fine-tune does not fit one GPU; more communication per step. auto: fsdp only "
-                                       "when the memory estimate says ddp does not fit and fsdp does. LoRA always "
-                                       "uses ddp."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The trained model, flow-patched (non-destructive)."),

@@ -95,8 +95,8 @@ def test_the_table_knows_where_every_old_setting_went(defs):
     newest = LAYOUTS[0]["widgets"]
     assert set(newest) == set(OLD_DEFAULTS)
     moved = {old: (typ, new) for typ, spec in MOVED.items() for old, new in spec["widgets"].items()}
-    added = set(current) - set(newest)  # widgets D2FTrain gained after the old layouts (issue 10's sharding)
-    assert added <= {"sharding"}, f"new D2FTrain widgets {sorted(added)}: do old workflows get their defaults?"
+    added = set(current) - set(newest)
+    assert not added, f"new D2FTrain widgets {sorted(added)}: settings go to option nodes (old workflows lack them)"
     assert set(newest) == (set(current) - added) | set(moved), "every old widget is either kept or moved"
     for old, (typ, new) in moved.items():
         spec = next(w for w in wf.widget_specs(defs[typ]) if w.name == new)
@@ -127,8 +127,8 @@ def test_an_old_workflow_runs_with_the_same_settings(host, defs, train_node, lay
     expected = {k: v for k, v in values.items() if k != "control_after_generate"}
     expected = dict(train_node.merged_options({}, None, None), **expected)  # settings an older layout lacked
     assert {k: opts[k] for k in expected} == expected
-    assert opts.get("sharding", "auto") == "auto"  # newer than every old layout: its default
-    assert set(opts) - {"sharding"} == set(expected)
+    assert opts["sharding"] == "auto"  # newer than every old layout: D2FTrainAdvanced's default
+    assert set(opts) == set(expected)
 
 
 def test_settings_at_their_defaults_need_no_option_node(host, defs, train_node):
@@ -148,15 +148,17 @@ def test_an_old_api_prompt_moves_its_settings_too(host, defs, train_node):
     prompt = wf.to_api(old, defs)
     assert sorted(e["class_type"] for e in prompt.values()) == sorted(
         ["CheckpointLoaderSimple", "D2FTrain", "D2FTrainAdvanced", "D2FScheduledSampling"])
-    assert run_options(host, train_node, prompt) == flat
+    assert run_options(host, train_node, prompt) == dict(flat, sharding="auto")  # newer than the old layouts
 
 
 def test_overrides_reach_moved_settings(defs, host, train_node):
     prompt = wf.to_api(old_workflow(dict(OLD_DEFAULTS), LAYOUTS[0]["widgets"]), defs)
     wf.apply_overrides(prompt, ["D2FTrain.training_dtype=fp32", ("D2FTrain", "alpha", 4.0),
-                                ("D2FTrain", "ss_probability", 0.3), ("D2FTrain", "max_offset", 2)], defs)
+                                ("D2FTrain", "ss_probability", 0.3), ("D2FTrain", "max_offset", 2),
+                                ("D2FTrain", "sharding", "ddp")], defs)  # sharding: newer than every old layout
     opts = run_options(host, train_node, prompt)
-    assert (opts["training_dtype"], opts["alpha"], opts["ss_probability"], opts["ss_max_offset"]) == ("fp32", 4.0, 0.3, 2)
+    assert (opts["training_dtype"], opts["alpha"], opts["ss_probability"], opts["ss_max_offset"], opts["sharding"]) == \
+        ("fp32", 4.0, 0.3, 2, "ddp")
     assert sum(e["class_type"] == "D2FTrainAdvanced" for e in prompt.values()) == 1  # the second one reuses it
     with pytest.raises(wf.WorkflowError, match="no node matched"):
         wf.apply_overrides(prompt, ["D2FTrain.training_dtype=fp32"])  # without definitions: not routed

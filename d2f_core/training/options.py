@@ -18,11 +18,12 @@ from ..flow.losses import TIME_SAMPLINGS
 from .scheduled_sampling import ScheduledSampling
 from .trainer import LR_SCHEDULES, OBJECTIVES, OPTIMIZERS
 
-__all__ = ["AdvancedOptions", "LORA_TARGETS", "TRAINING_DTYPES", "SCHEDULED_SAMPLING_DEFAULTS",
+__all__ = ["AdvancedOptions", "LORA_TARGETS", "SHARDINGS", "TRAINING_DTYPES", "SCHEDULED_SAMPLING_DEFAULTS",
            "scheduled_sampling_flat"]
 
 LORA_TARGETS = ("attention", "all")
 TRAINING_DTYPES = ("bf16", "fp32")
+SHARDINGS = ("auto", "ddp", "fsdp")  # full fine-tunes on several processes: decided by the memory pre-flight
 
 #: What D2FTrain always used without scheduled sampling settings. The ramp is linear (D2FTrain's own
 #: default), not the engine's constant: with probability 0 it does nothing either way.
@@ -44,11 +45,12 @@ class AdvancedOptions:
     cuda_graphs: bool = True
     compile: bool = False
     caption_dropout: float = 0.0
+    sharding: str = "auto"            # auto | ddp | fsdp (SHARDINGS)
 
     def validate(self) -> "AdvancedOptions":
         for name, allowed in (("lora_targets", LORA_TARGETS), ("loss", OBJECTIVES), ("time_sampling", TIME_SAMPLINGS),
                               ("lr_schedule", LR_SCHEDULES), ("optimizer", OPTIMIZERS),
-                              ("training_dtype", TRAINING_DTYPES)):
+                              ("training_dtype", TRAINING_DTYPES), ("sharding", SHARDINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.alpha < 0:
