@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 
 import comfy.model_management as mm
@@ -222,12 +223,21 @@ class D2FTrain(io.ComfyNode):
 
         inputs = dict(sampling=sampling, buckets=buckets, empty=empty, config=config, opts=opts,
                       node_id=cls.hidden.unique_id, run_name=run_name, identity=identity)
-        with torch.inference_mode(False), local_world("D2FTrain", world_size, model, train_worker,
-                                                      **train_inputs_for_workers(inputs, resume_path)) as world:
-            run = TrainingRun(model, **inputs)
-            world.kept = lambda: run.files.kept() if run.files is not None else ""
-            run.memory_required = memory.memory_required
-            return run.execute(resume_path)
+        run = world = None
+        try:
+            with torch.inference_mode(False), local_world("D2FTrain", world_size, model, train_worker,
+                                                          **train_inputs_for_workers(inputs, resume_path)) as world:
+                run = TrainingRun(model, **inputs)
+                world.kept = lambda: run.files.kept() if run.files is not None else ""
+                run.memory_required = memory.memory_required
+                return run.execute(resume_path)
+        finally:
+            # The run's closures (its net, its snapshot function) hold it in reference cycles, and with it the
+            # trainer, the optimizer state and the CUDA graphs' private pools: free them now, not at some later
+            # collection while the next node samples.
+            run = world = None
+            gc.collect()
+            mm.soft_empty_cache()
 
 
 def fast_paths(device_type: str, opts: dict, ddp: bool) -> tuple[bool, bool, str | None]:

@@ -496,6 +496,35 @@ def test_base_weights_unchanged(host, pack, sd15_model, sd15_unet_name, mode):
     assert not isinstance(sampling, host.comfy.model_sampling.CONST)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_run_is_freed_when_the_node_returns(host, pack, sd15_model, mode, monkeypatch):
+    """The run's closures hold it in reference cycles (its net, its snapshot function), and with it the trainer,
+    the optimizer state and (on a GPU) the CUDA graphs' pools. With the automatic collector off, only the node's
+    own collection can free them: after it returns, no TrainingRun, Trainer or optimizer of the run is alive."""
+    import gc
+    import weakref
+
+    runs = []
+    init = pack.train_node.TrainingRun.__init__
+
+    def tracked(self, *a, **k):
+        init(self, *a, **k)
+        runs.append(weakref.ref(self))
+    monkeypatch.setattr(pack.train_node.TrainingRun, "__init__", tracked)
+    latents, positive = dataset(2, seed=5, size=(4, 4))
+    gc.collect()
+    gc.disable()
+    try:
+        out = train(host, sd15_model, latents, positive, mode=mode, steps=2, batch_size=2, run_name=f"freed_{mode}")
+        alive = [type(o).__name__ for o in gc.get_objects()
+                 if isinstance(o, (pack.train_node.Trainer, torch.optim.Optimizer))]
+    finally:
+        gc.enable()
+    assert len(runs) == 1 and runs[0]() is None, "the TrainingRun outlived the node"
+    assert not alive, f"still alive after the node returned: {alive}"
+    assert out.lora  # what the node returned is kept
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. resume continues exactly
 # ---------------------------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_ba
     print(f"full gpus=1 bs2: {t1 - t0:.1f} s; full gpus=2 fsdp bs1: {time.monotonic() - t1:.1f} s")
     with safe_open(files[-1], "pt") as f:
         settings = json.loads(f.metadata()["diff2flow.settings"])
-    assert settings["processes"] == 2, settings
+    assert (settings["processes"], settings["sharding"]) == (2, "fsdp"), settings  # the file says how it was trained
     assert "full fine-tune sharded over 2 processes (FSDP)" in server.log_tail(400)
     # The files hold Δ = θ' − θ, a few float32 ulps of θ after 4 small SGD steps: compared as weights, i.e. relative
     # to the largest base weight (a 1-ulp rounding flip of θ' is ~1/12 of such a Δ, not a training difference).
