@@ -112,6 +112,17 @@ class PoisonedTrainer(Trainer):
         return super().step(step)
 
 
+class StopOnRank1(Exception):
+    """The host's stop exception as it comes from inside the network (ComfyUI: InterruptProcessingException)."""
+
+
+class StoppedInsideTrainer(Trainer):
+    def step(self, step):
+        if self.dist.rank == 1 and step == 2:  # step 3 of rank 1, after rank 0 has entered it
+            raise StopOnRank1()
+        return super().step(step)
+
+
 def _worker(rank: int, store: str, out: str, single_state: str):
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -144,6 +155,18 @@ def _worker(rank: int, store: str, out: str, single_state: str):
             results["nan"] = None
         except NonFiniteLossError as e:
             results["nan"] = (e.step, e.last_good_step, run.weights())
+        # Last (it breaks the group): a stop raised inside the network on rank 1 ends that rank with
+        # ShardedStepAborted; rank 0, waiting in that step's collectives, fails instead of hanging.
+        run = Run("acc1", PER_RANK, ctx, trainer_class=StoppedInsideTrainer)
+        t0 = time.monotonic()
+        try:
+            run.trainer.run(stop_exceptions=(StopOnRank1,))
+            results["stopped_inside"] = None
+        except Exception as e:  # noqa: BLE001  (rank 0's is whatever the failed collective raises)
+            results["stopped_inside"] = (type(e).__name__, str(e)[:300], time.monotonic() - t0)
+            if rank == 1:
+                torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+                os._exit(0)  # leaves the group as a crashed rank would
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -255,3 +278,16 @@ def test_nan_on_one_sharded_rank_restores_every_rank(spawned):
         step, last_good, weights = per_rank["nan"]
         assert (step, last_good) == (3, 0), rank
         assert worst(weights, fresh) == 0.0, rank
+
+
+def test_a_stop_inside_the_network_on_one_sharded_rank_ends_every_rank(spawned):
+    """A stop exception from inside the network cannot be redone under FSDP (the others are past its all-gathers):
+    that rank raises ShardedStepAborted naming itself and the step, and the other rank, waiting in the step's
+    collectives, fails within the group's timeout (30 s here) rather than hang."""
+    _, results = spawned
+    kind, message, _ = results[1]["stopped_inside"]
+    assert kind == "ShardedStepAborted" and "rank 1" in message and "step 3" in message, message
+    assert results[0]["stopped_inside"] is not None, "rank 0 finished a run its peer had left"
+    kind, message, seconds = results[0]["stopped_inside"]
+    print(f"rank 0: {kind} after {seconds:.1f} s: {message}")
+    assert seconds < 35, seconds
