@@ -85,6 +85,15 @@ def _d2f_train(b: WorkflowBuilder, *, steps, batch_size, save_every, preview_eve
     return train, [advanced, ema]
 
 
+def _validation(b: WorkflowBuilder, train, *, every_n_steps, cfg):
+    """D2FValidation on a split of the training set (10%), linked to ``train``'s validation input: the held-out
+    loss as the chart's second series, the 1/2/4/25-step grid (and, for Reflow, straightness)."""
+    validation = b.node("D2FValidation", size=[330, 250], every_n_steps=every_n_steps, holdout_fraction=0.1,
+                        loss_times=8, grid_steps="1,2,4,25", cfg=cfg, seed=0, images=2, max_seconds=60.0)
+    b.link(validation, "validation", train, "validation")
+    return validation
+
+
 def _save_lora_and_loss(b: WorkflowBuilder, train, lora_prefix, loss_prefix):
     """SaveLoRA and Plot Loss Graph on a D2FTrain's outputs."""
     save_lora = b.node("SaveLoRA", size=[330, 110], prefix=lora_prefix, steps=0)
@@ -259,6 +268,7 @@ def sd15_train_lora(defs):
                 strategy="uniform", solver_steps=20)
     b.link(ss, "scheduled_sampling", train, "scheduled_sampling")
     options.append(ss)
+    options.append(_validation(b, train, every_n_steps=100, cfg=6.0))
     b.link(patch, "MODEL", train, "model")
     b.link(make, "latents", train, "latents")
     b.link(make, "conditioning", train, "positive")
@@ -284,7 +294,9 @@ def sd15_train_lora(defs):
         "Options (small nodes left of it): Train Advanced holds the rarely changed settings (bf16 needs a GPU; on "
         "CPU set its training_dtype to fp32); EMA averages the weights of the last ~100 steps, which the previews "
         "and saved LoRAs use; Scheduled Sampling is off (probability and max_offset 0): raise both to train on "
-        "the model's own sampling states (corrects exposure bias, one extra forward pass per rollout step).\n\n"
+        "the model's own sampling states (corrects exposure bias, one extra forward pass per rollout step); "
+        "Validation holds 10% of the images out and every 100 steps draws their loss as the chart's second series "
+        "and saves a fixed-seed grid at 1, 2, 4 and 25 steps in the run's folder (output/d2f_states/…).\n\n"
         "4. Save LoRA writes the final LoRA (loras/d2f_sd15_lora…), which the core LoRA loaders read; put "
         "Diff2Flow Patch after the LoRA loader when you use it. Plot Loss Graph saves the loss curve. The "
         "KSampler samples the trained model (already flow-patched) right away.",
@@ -312,6 +324,7 @@ def sd15_reflow(defs):
                                 run_name="d2f_sd15_reflow", ema_decay=0.995)
     b.link(patch, "MODEL", train, "model")
     b.link(pairs, "couplings", train, "couplings")
+    options.append(_validation(b, train, every_n_steps=250, cfg=1.0))
     save_lora, loss = _save_lora_and_loss(b, train, "loras/d2f_sd15_reflow", "d2f/reflow_loss_graph")
     latent = _latent(b)
     ks = _ksampler(b, (train, "model"), (pos, "CONDITIONING"), (neg, "CONDITIONING"), (latent, "LATENT"),
@@ -332,7 +345,10 @@ def sd15_reflow(defs):
         "sampler started from (D(σ_max)·ε). Why: the ODE's curved paths are what need 20+ steps; "
         "Reflow makes them straight, so 2–4 Euler steps land where the full ODE lands. Train Advanced holds "
         "the rarely changed settings (bf16 needs a GPU; on CPU set its training_dtype to fp32); EMA averages "
-        "the weights of the last ~200 steps for the saved LoRAs and the sampler.\n\n"
+        "the weights of the last ~200 steps for the saved LoRAs and the sampler. Validation holds 10% of the pairs "
+        "out: every 250 steps their loss, a 1/2/4/25-step grid and the straightness (how far the 1-step result is "
+        "from the 25-step one on the same noise; it falls as the paths straighten) go to the chart and the run's "
+        "folder.\n\n"
         "5. KSampler: 4 steps euler + simple on the trained model. CFG 1: the pairs were made with CFG 7, "
         "so the guidance is already in what the model learned. Save LoRA writes loras/d2f_sd15_reflow…; "
         "Plot Loss Graph saves the loss curve.",

@@ -12,9 +12,10 @@ from ..d2f_core.flow.bridge import FlowBridge
 from ..d2f_core.storage.metadata import TrainingDescription
 
 # The D2FTrain settings a file records (diff2flow.settings): what decides the weights, not the UI's switches.
-# "processes" is the run's world size (batch_size is per process).
+# "processes" is the run's world size (batch_size is per process); "sharding" how a run on several was split
+# (ddp / fsdp: in bf16 they round differently).
 SETTINGS = ("rank", "alpha", "lora_targets", "learning_rate", "optimizer", "lr_schedule", "warmup_steps",
-            "batch_size", "processes", "grad_accumulation", "time_sampling", "time_shift", "caption_dropout", "training_dtype",
+            "batch_size", "processes", "sharding", "grad_accumulation", "time_sampling", "time_shift", "caption_dropout", "training_dtype",
             "ss_probability", "ss_ramp", "ss_max_offset", "ss_strategy", "ss_solver_steps")
 LORA_ONLY = ("rank", "alpha", "lora_targets")
 

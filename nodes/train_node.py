@@ -219,7 +219,14 @@ class D2FTrain(io.ComfyNode):
         # Memory pre-flight: decides gradient_checkpointing auto, refuses a run that cannot fit (before any load).
         memory = memory_check.check(model, buckets, opts, DTYPES[opts["training_dtype"]], CHECKPOINT_BLOCKS, world_size)
         opts["gradient_checkpointing"] = memory.checkpointing
-        opts["sharding"] = memory.sharding  # every process of the run gets the decided ddp / fsdp
+        requested, opts["sharding"] = opts.get("sharding"), memory.sharding  # every process gets the decided one
+        if memory.sharding == "fsdp" and opts["validation"] is not None:
+            # Rank 0 validates alone, but a sharded net's every forward is a collective of all ranks.
+            raise ValueError("D2FTrain: D2FValidation does not work with a sharded (FSDP) full fine-tune yet"
+                             + (" (sharding auto chose FSDP: the replicated run does not fit one GPU)"
+                                if requested == "auto" else "")
+                             + ". Disconnect D2FValidation, or set D2FTrainAdvanced's sharding to ddp where the "
+                             "replicated run fits.")
 
         inputs = dict(sampling=sampling, buckets=buckets, empty=empty, config=config, opts=opts,
                       node_id=cls.hidden.unique_id, run_name=run_name, identity=identity)

@@ -438,10 +438,14 @@ def d2f_train_inputs(host: Host, settings: dict) -> dict:
     with open(os.path.join(PACK_DIR, "web", "legacy_widgets.json"), encoding="utf-8") as f:
         moved = json.load(f)["D2FTrain"]["moved"]
     out = dict(settings)
+    own = {i.id for i in host.node_class("D2FTrain").GET_SCHEMA().inputs}
     for option_type, spec in moved.items():
+        schema = host.node_class(option_type).GET_SCHEMA().inputs
         given = {new: out.pop(old) for old, new in spec["widgets"].items() if old in out}
+        # settings the option node gained after the old layouts (sharding) go by their own name
+        given.update({i.id: out.pop(i.id) for i in schema if i.id in out and i.id not in own})
         if given:
-            values = {i.id: i.default for i in host.node_class(option_type).GET_SCHEMA().inputs}
+            values = {i.id: i.default for i in schema}
             values.update(given)
             out[spec["input"]] = host.run1(option_type, **values)
     return out

@@ -230,3 +230,16 @@ def test_validation_uses_the_ema_weights(host, sd15_model, pack, mods, monkeypat
             assert torch.equal(s["after"][k], s["train"][k]), k  # θ back for training
         assert any(not torch.equal(s["ema"][k], s["train"][k]) for k in s["ema"])  # teeth: θ_ema ≠ θ
     monkeypatch.delattr(pack.train_node.TrainingRun, "_current", raising=False)
+
+
+def test_validation_of_a_sharded_run_is_refused_before_any_worker_starts(host, sd15_model, monkeypatch):
+    """Rank 0 validates alone, but every forward of an FSDP-sharded net is a collective of all ranks: a sharded full
+    fine-tune with D2FValidation is refused after the pre-flight, before a worker process or the model load."""
+    latents, positive = dataset(4)
+    local_workers = next(m for n, m in sys.modules.items() if n.endswith(".nodes.local_workers"))
+    started = []
+    monkeypatch.setattr(local_workers.local_group.LocalGroup, "start", lambda *a, **k: started.append(1))
+    with pytest.raises(ValueError, match="D2FValidation does not work with a sharded .FSDP. full fine-tune"):
+        run_train(host, sd15_model, validation(host), latents, positive, steps=1, mode="full", gpus="2",
+                  sharding="fsdp", training_dtype="fp32", run_name="valid_fsdp")
+    assert not started

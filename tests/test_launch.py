@@ -131,12 +131,13 @@ def test_two_ranks_train_the_lora_one_process_trains_with_twice_the_batch(host, 
     assert sorted(pids) == [0, 1], pids
     out = tmp_path / "out"
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    # What one process writes, once: D2FTrain's LoRAs of steps 2 and 4 and its state, SaveLoRA's file (its
+    # What one process writes, once: D2FTrain's LoRAs of steps 2 and 4, its state and validation grid, SaveLoRA's file (its
     # counter counts D2FTrain's files of the same prefix too), the image sampled with the trained model. Rank 1
     # ran neither the output nodes nor D2FTrain's saves (its files would have taken the next counters).
     assert written == sorted([f"loras/{RUN_NAME}_00001_000002_steps.safetensors",
                               f"loras/{RUN_NAME}_00001_000004_steps.safetensors",
                               f"d2f_states/{RUN_NAME}_00001/state.safetensors",
+                              f"d2f_states/{RUN_NAME}_00001/validation_000004_steps.png",  # D2FValidation's grid
                               "loras/d2f_sd15_lora_4_steps_00002_.safetensors",
                               "d2f/trained_preview_00001_.png"]), written
     # each output node ran once (the loss graph is a preview: shown, not saved in output/)

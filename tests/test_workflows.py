@@ -36,7 +36,8 @@ WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
 WORKFLOW_FILES = sorted(glob.glob(os.path.join(WORKFLOW_DIR, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in WORKFLOW_FILES]
 PACK_NODE_TYPES = {"D2FFlowPatch", "D2FFlowScheduler", "D2FEulerFlowSampler", "D2FRescaleCFG", "D2FTrain",
-                   "D2FTrainAdvanced", "D2FScheduledSampling", "D2FEMA", "D2FReflowPairs", "D2FLoadReflowPairs"}
+                   "D2FTrainAdvanced", "D2FScheduledSampling", "D2FEMA", "D2FValidation", "D2FReflowPairs",
+                   "D2FLoadReflowPairs"}
 
 # Per workflow, on top of TINY: the v-pred workflow runs on the same tiny SDXL file as the ε one (its
 # v-prediction comes from ModelSamplingDiscrete, not from the file), so the shared executor's cache
@@ -50,7 +51,8 @@ TINY = [("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64), (
         ("D2FTrain", "rank", 4), ("D2FTrainAdvanced", "alpha", 4.0), ("D2FTrain", "save_every", 2),
         ("D2FTrain", "preview_every", 0), ("D2FTrain", "gradient_checkpointing", False), ("D2FTrain", "batch_size", 1),
         ("D2FReflowPairs", "count", 2), ("D2FReflowPairs", "steps", 2), ("D2FReflowPairs", "batch_size", 2),
-        ("D2FReflowPairs", "width", 64), ("D2FReflowPairs", "height", 64)]
+        ("D2FReflowPairs", "width", 64), ("D2FReflowPairs", "height", 64), ("D2FValidation", "grid_steps", "1,2"),
+        ("D2FValidation", "loss_times", 2), ("D2FValidation", "images", 1)]
 
 
 def tiny_overrides(prompt: dict) -> list:
