@@ -305,7 +305,7 @@ class D2FReflowPairs(io.ComfyNode):
             made = make_pairs(_flow_model(model, job, sampling), job, node_id=cls.hidden.unique_id)
         # generate's last collective came after every rank's last chunk: the folder holds every rank's pairs
         couplings = load_couplings(folder, limit=min(count, made))
-        return io.NodeOutput(couplings, len(couplings))
+        return io.NodeOutput(couplings, len(couplings), ui={"d2f_couplings": [couplings_readout(couplings)]})
 
 
 @dataclasses.dataclass
@@ -484,7 +484,8 @@ class D2FLoadReflowPairs(io.ComfyNode):
             display_name="Diff2Flow Load Reflow Pairs",
             category=CATEGORY,
             description="Loads Reflow pairs made earlier by D2FReflowPairs (a folder under output/d2f_couplings/), "
-                        "for D2FTrain's couplings input.",
+                        "for D2FTrain's couplings input. After it ran, the node shows how the pairs were made (model, "
+                        "prediction, size, solver steps, CFG, seed, prompts).",
             inputs=[
                 io.Combo.Input("name", options=folders or [NO_FOLDERS], default=(folders or [NO_FOLDERS])[0],
                                tooltip="A couplings folder under output/d2f_couplings/ (refresh the page to list new ones)."),
@@ -524,7 +525,19 @@ class D2FLoadReflowPairs(io.ComfyNode):
             couplings = load_couplings(folder, limit=limit or None)
         except CouplingsError as exc:
             raise ValueError(f"D2FLoadReflowPairs: {exc}") from None
-        return io.NodeOutput(couplings, len(couplings))
+        return io.NodeOutput(couplings, len(couplings), ui={"d2f_couplings": [couplings_readout(couplings)]})
+
+
+def couplings_readout(couplings: Couplings) -> dict:
+    """What the web extension shows on D2FReflowPairs / D2FLoadReflowPairs after they ran: how the pairs were made
+    (the folder's recorded settings), so a user sees which model, prompts and solver a set of pairs distils."""
+    meta = couplings.meta or {}
+    channels, height, width = (list(meta.get("shape") or couplings.shape[1:]) + [0, 0, 0])[:3]
+    return {"pairs": len(couplings), "folder": os.path.basename(couplings.folder or ""),
+            "model_type": meta.get("model_type"), "prediction": meta.get("prediction"),
+            "model": meta.get("model"), "latent": [channels, height, width], "sampler": meta.get("sampler"),
+            "steps": meta.get("steps"), "cfg": meta.get("cfg"), "shift": meta.get("shift"), "seed": meta.get("seed"),
+            "prompts": couplings.num_prompts, "pack_version": meta.get("pack_version")}
 
 
 REFLOW_NODES = [D2FReflowPairs, D2FLoadReflowPairs]

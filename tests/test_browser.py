@@ -119,6 +119,32 @@ def test_extension_is_registered_once(server, page):
     assert count == 1, f"extension registered {count} times (served as {urls})"
 
 
+def test_couplings_nodes_show_how_their_pairs_were_made(server, page):
+    """After D2FLoadReflowPairs (or D2FReflowPairs) ran, the node shows the folder's recorded settings: the executed
+    message's ``d2f_couplings`` entry (tests/test_host_reflow.py checks what the node sends) through the node's own
+    onExecuted hook."""
+    info = {"pairs": 64, "folder": "d2f_reflow_demo", "model_type": "BaseModel", "prediction": "eps",
+            "model": "0123456789abcdef", "latent": [4, 64, 64], "sampler": "euler_flow", "steps": 25, "cfg": 7.0,
+            "shift": 1.0, "seed": 0, "prompts": 1, "pack_version": "9.9.9"}
+    text = page.evaluate("""(info) => {
+      const g = window.app.rootGraph || window.app.graph;
+      const node = window.LiteGraph.createNode('D2FLoadReflowPairs');
+      g.add(node);
+      node.onExecuted({d2f_couplings: [info]});
+      const el = node.d2fCouplings;
+      const shown = el ? el.textContent : null;
+      g.remove(node);
+      return shown;
+    }""", info)
+    assert text is not None, "no read-out on D2FLoadReflowPairs"
+    lines = text.splitlines()
+    assert lines[0] == "64 pairs · 1 prompt · d2f_reflow_demo", lines
+    assert lines[1] == "BaseModel (ε) · latent 4×64×64", lines
+    assert lines[2] == "euler_flow 25 steps · cfg 7 · shift 1 · seed 0", lines
+    assert "0123456789abcdef" in lines[3] and "9.9.9" in lines[3], lines
+    assert not _find_d2f_errors(page)
+
+
 def test_frontend_loads_saves_and_queues_every_workflow_as_the_converter_does(server, page):
     defs = server.get_json("/object_info", timeout=60)
     for name in NAMES:
@@ -286,9 +312,13 @@ ADD_VALIDATION_JS = """
 (widgets) => {
   const g = window.app.rootGraph || window.app.graph;
   const train = g._nodes.find(n => n.type === 'D2FTrain');
-  const node = window.LiteGraph.createNode('D2FValidation');
-  node.pos = [train.pos[0] - node.size[0] - 40, train.pos[1] + train.size[1] - node.size[1]];
-  g.add(node);
+  // the example workflow carries one: set that one; else add one next to D2FTrain
+  let node = g._nodes.find(n => n.type === 'D2FValidation');
+  if (!node) {
+    node = window.LiteGraph.createNode('D2FValidation');
+    node.pos = [train.pos[0] - node.size[0] - 40, train.pos[1] + train.size[1] - node.size[1]];
+    g.add(node);
+  }
   for (const [name, value] of Object.entries(widgets)) {
     const w = node.widgets.find(w => w.name === name);
     if (!w) throw new Error(`D2FValidation has no widget ${name}`);

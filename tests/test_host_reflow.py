@@ -12,6 +12,7 @@ round-off: ≤ 1e-5.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -248,6 +249,14 @@ def test_load_node(host, sd15_model, prompts, mods):
     assert n == 2 and torch.equal(head.x0, c.x0[:2])
     by_path, _ = host.run("D2FLoadReflowPairs", name="to-load", path=mods[0].couplings_folder("to-load"))
     assert by_path.digest() == c.digest()
+    # the node shows how the pairs were made (the folder's recorded settings), read by the web extension
+    _, ui = host.run_output_node("D2FLoadReflowPairs", name="to-load")
+    info = ui["d2f_couplings"][0]
+    assert (info["pairs"], info["folder"], info["prompts"], info["steps"], info["cfg"], info["seed"]) == \
+        (3, "to-load", 1, 3, CFG, 3), info
+    assert info["model_type"] == type(sd15_model.model).__name__ and info["prediction"] == "eps"
+    assert info["model"] == mods[0].model_fingerprint(sd15_model) and info["latent"] == [4, SIZE, SIZE]
+    json.dumps(info)  # it travels to the browser as JSON
     with pytest.raises(ValueError, match="no Diff2Flow couplings"):
         host.run("D2FLoadReflowPairs", name="to-load", path="does-not-exist")
     with pytest.raises(ValueError, match="inside output"):

@@ -16,6 +16,7 @@ import { api } from "../../scripts/api.js";
 const EXTENSION = "diff2flow.bridge";
 const CHART_HEIGHT = 170;
 const READOUT_HEIGHT = 58;
+const COUPLINGS_HEIGHT = 74; // four lines of the couplings read-out
 const GRID_HEIGHT = 190;
 const COLORS = { raw: "rgba(110,160,255,0.45)", ema: "#ffb347", val: "#5fd38d", straight: "#c792ea" };
 
@@ -355,8 +356,36 @@ function showPatchReadout(node, info) {
 }
 
 // --------------------------------------------------------------------------------------------
+// Reflow couplings read-out (D2FReflowPairs, D2FLoadReflowPairs)
+// --------------------------------------------------------------------------------------------
+function couplingsText(info) {
+  const pred = { eps: "ε", v_prediction: "v", x0: "x0" }[info.prediction] || info.prediction || "?";
+  const [c, h, w] = info.latent || [];
+  const lines = [
+    `${info.pairs} pairs · ${info.prompts} prompt${info.prompts === 1 ? "" : "s"} · ${info.folder || ""}`,
+    `${info.model_type || "?"} (${pred}) · latent ${c}×${h}×${w}`,
+    `${info.sampler || "?"} ${info.steps} steps · cfg ${info.cfg} · shift ${info.shift} · seed ${info.seed}`,
+  ];
+  if (info.model) lines.push(`model ${info.model}${info.pack_version ? " · pack " + info.pack_version : ""}`);
+  return lines.join("\n");
+}
+
+function showCouplingsReadout(node, info) {
+  if (!node.d2fCouplings) {
+    const el = document.createElement("div");
+    el.className = "d2f-couplings-readout";
+    el.style.cssText = "white-space:pre;font:11px monospace;color:#9fc3d4;padding:2px 4px;overflow:hidden;";
+    addDisplayWidget(node, "d2f_couplings_readout", el, COUPLINGS_HEIGHT);
+    node.d2fCouplings = el;
+  }
+  fitNode(node);
+  node.d2fCouplings.textContent = couplingsText(info);
+  node.setDirtyCanvas?.(true, true);
+}
+
+// --------------------------------------------------------------------------------------------
 if (!already) {
-  window.__d2fBridge = { runs, readoutText, statusText };
+  window.__d2fBridge = { runs, readoutText, couplingsText, statusText };
   app.registerExtension({
     name: EXTENSION,
     async setup() {
@@ -368,6 +397,14 @@ if (!already) {
         nodeType.prototype.onNodeCreated = function () {
           const r = created?.apply(this, arguments);
           addTrainingWidget(this);
+          return r;
+        };
+      } else if (nodeData.name === "D2FReflowPairs" || nodeData.name === "D2FLoadReflowPairs") {
+        const executed = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (output) {
+          const r = executed?.apply(this, arguments);
+          const info = output?.d2f_couplings?.[0];
+          if (info) showCouplingsReadout(this, info);
           return r;
         };
       } else if (nodeData.name === "D2FFlowPatch") {
