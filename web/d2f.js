@@ -341,18 +341,24 @@ function readoutText(info) {
   return lines.join("\n");
 }
 
-function showPatchReadout(node, info) {
-  if (!node.d2fReadout) {
+// A text block under a node's widgets, made once per node (kept as node[field]) and refilled on each run.
+function showTextReadout(node, field, name, color, height, text) {
+  if (!node[field]) {
     const el = document.createElement("div");
-    el.className = "d2f-patch-readout";
-    el.style.cssText = "white-space:pre;font:11px monospace;color:#9fd49f;padding:2px 4px;overflow:hidden;";
-    addDisplayWidget(node, "d2f_patch_readout", el, READOUT_HEIGHT);
-    node.d2fReadout = el;
+    el.className = name.replaceAll("_", "-");
+    el.style.cssText = `white-space:pre;font:11px monospace;color:${color};padding:2px 4px;overflow:hidden;`;
+    addDisplayWidget(node, name, el, height);
+    node[field] = el;
   }
   fitNode(node);
-  node.d2fReadout.textContent = readoutText(info);
-  node.d2fReadout.dataset.prediction = info.prediction;
+  node[field].textContent = text;
   node.setDirtyCanvas?.(true, true);
+  return node[field];
+}
+
+function showPatchReadout(node, info) {
+  const el = showTextReadout(node, "d2fReadout", "d2f_patch_readout", "#9fd49f", READOUT_HEIGHT, readoutText(info));
+  el.dataset.prediction = info.prediction;
 }
 
 // --------------------------------------------------------------------------------------------
@@ -371,16 +377,7 @@ function couplingsText(info) {
 }
 
 function showCouplingsReadout(node, info) {
-  if (!node.d2fCouplings) {
-    const el = document.createElement("div");
-    el.className = "d2f-couplings-readout";
-    el.style.cssText = "white-space:pre;font:11px monospace;color:#9fc3d4;padding:2px 4px;overflow:hidden;";
-    addDisplayWidget(node, "d2f_couplings_readout", el, COUPLINGS_HEIGHT);
-    node.d2fCouplings = el;
-  }
-  fitNode(node);
-  node.d2fCouplings.textContent = couplingsText(info);
-  node.setDirtyCanvas?.(true, true);
+  showTextReadout(node, "d2fCouplings", "d2f_couplings_readout", "#9fc3d4", COUPLINGS_HEIGHT, couplingsText(info));
 }
 
 // --------------------------------------------------------------------------------------------
