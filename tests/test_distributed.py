@@ -5,6 +5,7 @@ The contract under test: with the same seed, N ranks × batch b train the weight
 one process with batch N·b does, up to the rounding of the reduction order; world size 1 is the plain path.
 """
 
+import copy
 import os
 import time
 from datetime import timedelta
@@ -34,6 +35,9 @@ CASES = {
         probability=0.7, max_offset=3, solver_steps=10))),
     "lora-small": ("lora", dict(grad_accumulation=2, data_size=3)),
 }
+
+
+RESUMED = ("lora-acc2", "full-acc2")  # saved at step 2 by N ranks, resumed by one process
 
 
 def build(case: str, batch_size: int, ctx: DistributedContext | None = None, steps: int = STEPS):
@@ -109,6 +113,14 @@ def _train_all(ctx: DistributedContext) -> dict:
     trainer.__class__ = StoppedTrainer
     result = trainer.run(stop_exceptions=(StopRequest,))
     results["stop"] = (result.status, result.step, [p.detach().clone() for p in params])
+    # What a save of step 2 holds (rank 0 saves: weights and optimizer state), for resuming on another world size
+    for case in RESUMED:
+        _, trainer, params = build(case, PER_RANK, ctx)
+        saved = {}
+        trainer.run(on_save=lambda step: saved.setdefault(step, ([p.detach().clone() for p in params],
+                                                                  copy.deepcopy(trainer.optimizer.state_dict()))),
+                    save_every=2)
+        results[f"saved-{case}"] = saved.get(2)
     return results
 
 
@@ -243,3 +255,27 @@ def test_a_group_of_one_rank_runs_ddp_and_trains_the_plain_weights_bit_for_bit(c
     finally:
         dist.destroy_process_group()
     assert all(torch.equal(a, b) for a, b in zip(params, params1))
+
+
+@pytest.mark.parametrize("case", RESUMED)
+def test_a_run_saved_on_n_ranks_resumes_on_one_process(ranks, case):
+    """The state rank 0 saves at step 2 of an N-rank run (weights, optimizer state: the same on every rank), loaded
+    by one process with the global batch, continues to the weights of that process's straight 4-step run: each
+    step's draws depend on the step and the global batch, not on the world size."""
+    world, results = ranks
+    assert all(per_rank[f"saved-{case}"] is None for per_rank in results[1:]), "only rank 0 saves"
+    weights, optimizer_state = results[0][f"saved-{case}"]
+    _, straight, straight_params = build(case, PER_RANK * world)
+    straight.run()
+    _, resumed, params = build(case, PER_RANK * world)
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    resumed.optimizer.load_state_dict(optimizer_state)
+    result = resumed.run(start_step=2)
+    assert result.step == STEPS
+    worst = max(relative_difference(p, q.detach()) for p, q in zip(params, straight_params))
+    print(f"{case}: saved on {world} ranks at step 2, resumed on 1 process: {worst:.2e}")
+    assert worst <= 1e-5
+    # not trivially equal: the resumed steps moved the weights
+    assert max(relative_difference(p, w) for p, w in zip(params, weights)) > 1e-4
