@@ -293,3 +293,39 @@ def test_instructpix2pix_needs_its_source_image(host, pack, no_load):
     finally:
         host.mm.unload_all_models()
         os.remove(path)
+
+
+@pytest.mark.parametrize("family_id", ["pixart_sigma", "hunyuan_dit_1_1"])
+def test_dit_gradient_checkpointing_trains_what_the_plain_step_trains(host, family_id, monkeypatch, record_measure):
+    """gradient_checkpointing on a DiT checkpoints its transformer blocks (PixArtMSBlock, HunYuanDiTBlock: the
+    recomputation goes through the blocks' own forward with their extra inputs) and trains the LoRA the plain step
+    trains (fp32: same weights up to the recomputation's rounding)."""
+    fam = fams.BY_ID[family_id]
+    train_node = sys.modules[host.node_class("D2FTrain").__module__]
+    checkpointed = train_node.checkpointed
+    wrapped = []
+
+    def spy(blocks):
+        blocks = list(blocks)
+        wrapped.append(sorted({type(b).__name__ for b in blocks}))
+        return checkpointed(blocks)
+    monkeypatch.setattr(train_node, "checkpointed", spy)
+    path = fams.write_family_file(host, fam, seed=14, name=f"d2f_ckpt_{fam.id}.safetensors")
+    try:
+        case = Case(fam, fams.load_family_file(host, fam, path), path)
+        runs = {}
+        for setting in ("off", "on"):
+            runs[setting] = train(host, case.model, [case.latent], [case.positive], mode="lora", steps=2, rank=4,
+                                  learning_rate=DIT_LR, lora_targets="attention", gradient_checkpointing=setting,
+                                  run_name=f"d2f_ckpt_{fam.id}_{setting}").lora
+    finally:
+        host.mm.unload_all_models()
+        os.remove(path)
+    block = {"pixart_sigma": "PixArtMSBlock", "hunyuan_dit_1_1": "HunYuanDiTBlock"}[family_id]
+    assert wrapped == [[], [block]], wrapped
+    on, off = runs["on"], runs["off"]
+    assert on.keys() == off.keys()
+    worst = max(float((on[k] - off[k]).abs().max() / off[k].abs().max().clamp(min=1e-12)) for k in off)
+    record_measure(f"{fam.id} LoRA, gradient checkpointing on vs off (2 steps, fp32)", worst, "≤ 1e-5")
+    assert worst <= 1e-5
+    assert max(float(v.abs().max()) for k, v in off.items() if k.endswith("lora_up.weight")) > 0  # it trained
