@@ -1,6 +1,7 @@
-"""Data-parallel scaling of Diff2Flow LoRA training, engine level (DESIGN §7).
+"""Data-parallel scaling of Diff2Flow training, engine level (DESIGN §7).
 
     python bench/bench_scale.py --out DIR                                   # GPU machine: every GPU it has
+    python bench/bench_scale.py --mode full --sharding fsdp --out DIR       # full fine-tune, FSDP-sharded N-rank rows
     python bench/bench_scale.py --arch tiny --device cpu --worlds 1,2 --steps 3 --warmup 1 --out DIR  # CPU smoke
 
 Every rank builds the same random-weight UNet of the real SD1.5 (or SDXL) architecture (the host's own
@@ -11,7 +12,11 @@ blocks (D2FTrain's default targets), the same synthetic latents and prompts, and
 * ``plain``  one process, no process group: the single-process path;
 * ``ddp-1``  a process group of one rank: the trained net wrapped in DDP (hooks, a one-rank all-reduce per
   step), the distributed path's own cost before any communication; ``overhead = 1 − ddp-1 / plain``;
-* ``ddp-N``  N ranks (NCCL on GPUs, gloo on CPU), ``--batch`` samples per rank.
+* ``ddp-N``  N ranks (NCCL on GPUs, gloo on CPU), ``--batch`` samples per rank;
+* ``fsdp-N`` (``--mode full --sharding fsdp``) N ranks of a sharded full fine-tune: FSDP2 on the ResBlocks and
+  transformer blocks, then the UNet, float32 masters sharded, weights gathered in bf16 (D2FTrain's sharded path).
+
+``--mode full`` trains every weight (float32 masters under autocast, D2FTrain's full mode) in every row.
 
 The measured window is ``--steps`` optimizer steps after ``--warmup`` steps, between device syncs (the
 Trainer's own timing). Global samples/s = N · batch · steps / s; scaling efficiency = samples/s(N) /
@@ -28,6 +33,7 @@ folders' SHA-256 over every chunk's tensors must agree across world sizes (print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -75,10 +81,14 @@ def build_unet(arch: str, device: torch.device, dtype: torch.dtype):
     return cast_for_training(unet, dtype, channels_last=device.type == "cuda")
 
 
-def make_trainer(arch: str, device, dtype, batch: int, steps: int, ctx, checkpointing: bool):
+def make_trainer(arch: str, device, dtype, batch: int, steps: int, ctx, checkpointing: bool, mode: str = "lora",
+                 sharding: str = "ddp"):
+    """The Trainer of one row, its adapters and the context its steps run in. ``mode`` full trains every weight
+    (float32 masters, autocast to ``dtype``, as D2FTrain's full mode); ``sharding`` fsdp shards them over ``ctx``'s
+    ranks (FSDP2 on the checkpointing blocks, then the UNet: D2FTrain's sharded path)."""
     from d2f_core.flow.bridge import FlowBridge
     from d2f_core.flow.schedule import DiscreteSchedule
-    from d2f_core.training.adapters import LoraAdapters, attention_only
+    from d2f_core.training.adapters import FullAdapters, LoraAdapters, attention_only
     from d2f_core.training.checkpointing import blocks_by_class_name, checkpointed
     from d2f_core.training.data import LatentBuckets
     from d2f_core.training.trainer import TrainConfig, Trainer
@@ -91,20 +101,44 @@ def make_trainer(arch: str, device, dtype, batch: int, steps: int, ctx, checkpoi
     if unet.num_classes is not None:
         conds = [dict(c, y=torch.randn(unet.label_emb[0][0].in_features, generator=g)) for c in conds]
     data = LatentBuckets([(latents, conds)], device=device, cond_dtype=dtype)
-    adapters = LoraAdapters(unet, rank=16, alpha=16.0, dtype=torch.float32, device=device, include=attention_only,
-                            key_prefix="diffusion_model.", seed=0)
-    adapters.attach()
+    block_types = ("ResBlock", "SpatialTransformer")
+    blocks = blocks_by_class_name(unet, block_types) if checkpointing else []
+    sharded = None
+    scopes = []
+    if mode == "lora":
+        adapters = LoraAdapters(unet, rank=16, alpha=16.0, dtype=torch.float32, device=device,
+                                include=attention_only, key_prefix="diffusion_model.", seed=0)
+        adapters.attach()
+        call = unet  # the hooks do the rest
+    elif sharding == "fsdp" and ctx is not None:
+        adapters = FullAdapters(unet, dtype=torch.float32, device="cpu", key_prefix="diffusion_model.")
+        sharded = adapters.shard(ctx, blocks_by_class_name(unet, block_types), dtype)
+        call = adapters
+    else:
+        adapters = FullAdapters(unet, dtype=torch.float32, device=device, key_prefix="diffusion_model.")
+        scopes.append(adapters.installed())
+        call = adapters
     channels_last = device.type == "cuda"
+    autocast = mode == "full" and dtype != torch.float32
 
     def net(x, t, context, y=None):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return unet(x, t, context=context, y=y)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
+            return call(x, t, context=context, y=y)
     config = TrainConfig(steps=steps, batch_size=batch, learning_rate=1e-4, seed=0, sync_every=10 ** 9)
     trainer = Trainer(net, FlowBridge(DiscreteSchedule.stable_diffusion()), adapters.parameters(), data, config,
-                      device=device, compute_dtype=dtype, dist=ctx)
-    blocks = blocks_by_class_name(unet, ("ResBlock", "SpatialTransformer")) if checkpointing else []
-    return trainer, adapters, checkpointed(blocks)
+                      device=device, compute_dtype=dtype, dist=ctx, sharded=sharded)
+    scopes.append(checkpointed(blocks))
+    return trainer, adapters, _all(scopes)
+
+
+@contextlib.contextmanager
+def _all(scopes):
+    with contextlib.ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(scope)
+        yield
 
 
 def make_pairs(arch: str, device, dtype, args, ctx, folder: str) -> float:
@@ -182,18 +216,20 @@ def worker(rank: int, world: int, args, store: str, out: str):
     rows = {}
     try:
         group_ctx = DistributedContext.from_environment(device=device)
-        kinds = ["plain", "ddp-1"] * args.repeats if world == 0 else [f"ddp-{world}"]
+        kinds = ["plain", "ddp-1"] * args.repeats if world == 0 else [f"{args.sharding}-{world}"]
         for kind in kinds:
             ctx = None if kind == "plain" else group_ctx
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             trainer, adapters, scope = make_trainer(args.arch, device, dtype, args.batch, args.warmup + args.steps,
-                                                    ctx, args.checkpointing)
+                                                    ctx, args.checkpointing, args.mode,
+                                                    args.sharding if kind != "ddp-1" else "ddp")
             seconds = timed_window(trainer, args.warmup, args.steps, scope)
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             rows.setdefault(kind, []).append({"seconds": seconds, "peak_bytes": peak})
-            adapters.detach()
+            if args.mode == "lora":
+                adapters.detach()
             del trainer, adapters
         if args.pairs:
             folder = os.path.join(out, f"pairs-{max(1, world)}")
@@ -243,7 +279,7 @@ def summarize(rows: dict, args) -> list[dict]:
         out.append(row)
     plain = next((r["samples_per_s"] for r in out if r["row"] == "plain"), None)
     for row in out:
-        if base and row["row"].startswith("ddp"):
+        if base and row["row"].startswith(("ddp", "fsdp")):
             row["efficiency"] = row["samples_per_s"] / (row["world"] * base)
         if row["row"] == "ddp-1" and plain:
             row["overhead_vs_plain"] = 1 - row["samples_per_s"] / plain
@@ -255,7 +291,8 @@ def summarize(rows: dict, args) -> list[dict]:
 
 
 def markdown(table: list[dict], info: dict) -> str:
-    lines = [f"# Data-parallel LoRA scaling ({info['arch']}, batch {info['batch']} per rank, "
+    what = "LoRA" if info.get("mode", "lora") == "lora" else f"full fine-tune ({info.get('sharding', 'ddp')} for N ranks)"
+    lines = [f"# Data-parallel {what} scaling ({info['arch']}, batch {info['batch']} per rank, "
              f"checkpointing {'on' if info['checkpointing'] else 'off'})", "",
              f"{info['device']}, torch {info['torch']}, commit {info['commit']}, {info['date']}. "
              f"Window: {info['steps']} steps after {info['warmup']} warm-up; best of {info['repeats']} for plain / ddp-1.",
@@ -288,12 +325,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--mode", choices=["lora", "full"], default="lora", help="LoRA (rank 16, attention) or full")
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp",
+                   help="the N-rank rows: replicated (DDP) or, with --mode full, sharded (FSDP2)")
     p.add_argument("--pairs", type=int, default=0, help="Reflow pairs per world size (0: no pair rows)")
     p.add_argument("--pair-steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--worlds", default="", help="rank counts of the ddp-N rows (default: 2..every GPU)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.sharding == "fsdp" and args.mode != "full":
+        p.error("--sharding fsdp shards a full fine-tune: add --mode full")
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     worlds = [int(w) for w in args.worlds.split(",") if w] if args.worlds else list(range(2, gpus + 1))
     worlds = [w for w in worlds if w > 1]
@@ -308,14 +350,14 @@ def main(argv=None):
             print(f"world {world or '1 (plain, ddp-1)'}: {time.perf_counter() - t0:.0f} s", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     info = {"arch": args.arch, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "checkpointing": args.checkpointing, "pairs": args.pairs,
+            "checkpointing": args.checkpointing, "pairs": args.pairs, "mode": args.mode, "sharding": args.sharding,
             "pair_steps": args.pair_steps, "cfg": args.cfg, "torch": torch.__version__, "commit": commit or "unknown",
             "date": datetime.date.today().isoformat(),
             "device": (f"{gpus} × {torch.cuda.get_device_name(0)}" if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)")}
     table = summarize(rows, args)
     text = markdown(table, info)
     print(text)
-    stem = os.path.join(args.out, f"scale_{args.arch}")
+    stem = os.path.join(args.out, f"scale_{args.arch}" + ("" if args.mode == "lora" else f"_full_{args.sharding}"))
     with open(stem + ".json", "w") as f:
         json.dump({"info": info, "rows": table, "raw": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
