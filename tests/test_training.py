@@ -55,6 +55,21 @@ def test_training_lowers_the_loss():
     assert sum(result.losses[-10:]) / 10 < 0.8 * before
 
 
+def test_batch_loss_is_the_loss_the_step_trains_on():
+    """batch_loss(k) evaluates step k's own draws (images, σ, ε, caption dropout): before the step it is the loss
+    step(k) reports, and after a small SGD step on it, lower (the step went downhill on what it computed)."""
+    net = TinyNet()
+    config = TrainConfig(steps=4, batch_size=3, learning_rate=1e-3, optimizer="sgd", seed=5, caption_dropout=0.5)
+    trainer = make_trainer(net, config, dataset(empty=True))
+    for step in range(3):
+        before = trainer.batch_loss(step)
+        reported = float(trainer.step(step))
+        after = trainer.batch_loss(step)
+        assert before == pytest.approx(reported, rel=1e-6), step
+        assert after < before, (step, before, after)
+    assert trainer.batch_loss(3) != pytest.approx(trainer.batch_loss(2), rel=1e-3)  # another step, other draws
+
+
 def test_resume_continues_exactly(tmp_path):
     config = TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, seed=5, grad_accumulation=2, sync_every=3)
     straight = TinyNet()

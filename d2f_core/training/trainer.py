@@ -220,6 +220,28 @@ class Trainer:
             return diff2flow_loss(self.bridge, out, x, x0, noise, sigma).mean()
         return native_loss(self.bridge, out, x0, noise, sigma).mean()
 
+    def _micro_batch(self, step: int, micro: int, bucket_rng: random.Random):
+        """(generator, x0, cond, noise) of micro-batch ``micro`` of step ``step``: the generator is then where
+        :meth:`loss` draws σ (and ε) from. ``bucket_rng`` is the step's (its micro-batches draw buckets in turn)."""
+        c = self.config
+        g = self._generator(step, micro)
+        bucket = self.data.choose_bucket(bucket_rng)
+        x0, cond, noise = self.data.take(bucket, self.dist.shard(lambda n: self.data.indices(bucket, n, g),
+                                                                 c.batch_size))
+        return g, x0, self._drop_captions(bucket, cond, g), noise
+
+    def batch_loss(self, step: int) -> float:
+        """The loss of step ``step``'s first micro-batch (its images, σ, ε, caption dropout) at the current weights,
+        without gradients: evaluated before and after that step, it shows whether the step went downhill on the
+        loss it computed (this rank's rows; scheduled-sampling rollouts left out)."""
+        g, x0, cond, noise = self._micro_batch(step, 0, random.Random(self.config.seed * 7_919 + step))
+        train_net, self.train_net = self.train_net, self.net  # eager: no DDP hooks, graph replay or compile here
+        try:
+            with torch.no_grad():
+                return float(self.loss(x0, cond, g, noise))
+        finally:
+            self.train_net = train_net
+
     def step(self, step: int) -> torch.Tensor:
         """Optimizer step ``step`` (0-based); returns this rank's loss as a device tensor (no host sync, no
         collective for the loss: :meth:`run` averages the pending losses over ranks at read-out)."""
@@ -229,11 +251,7 @@ class Trainer:
         bucket_rng = random.Random(c.seed * 7_919 + step)
         total = torch.zeros((), device=self.device)
         for micro in range(c.grad_accumulation):
-            g = self._generator(step, micro)
-            bucket = self.data.choose_bucket(bucket_rng)
-            x0, cond, noise = self.data.take(bucket, self.dist.shard(
-                lambda n: self.data.indices(bucket, n, g), c.batch_size))
-            cond = self._drop_captions(bucket, cond, g)
+            g, x0, cond, noise = self._micro_batch(step, micro, bucket_rng)
             offsets = rollout_steps = None
             if c.scheduled_sampling.active:  # its own host RNG: turning it off leaves every other draw as it was
                 ss_rng = random.Random(c.seed * 104_729 + step * 31 + micro)
