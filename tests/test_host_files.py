@@ -107,7 +107,7 @@ def test_reflow_pairs_name_is_checked_before_sampling(host, sd15_model, monkeypa
     class Reached:
         def __init__(self, *a, **k):
             raise AssertionError("D2FReflowPairs started sampling under a name it must refuse")
-    monkeypatch.setattr(reflow, "PairSampler", Reached)
+    monkeypatch.setattr(sys.modules[reflow.make_pairs.__module__], "PairSampler", Reached)
     name = name.format(tmp=tmp_path)
     before, outside = tree(output(host)), tree(tmp_path)
     g = torch.Generator().manual_seed(0)

@@ -254,12 +254,12 @@ def test_gpus_values_and_refusals_before_any_work(host, sd15_model):
         local_workers.world_size_for("D2FTrain", "2", custom)
 
     # D2FReflowPairs sends the model's sampling patches to its workers: one that cannot be sent is refused up front
-    reflow_nodes = next(m for n, m in sys.modules.items() if n.endswith(".nodes.reflow_nodes"))
-    assert reflow_nodes._patches_for_workers(sd15_model)["object_patches"] == {}
+    pairs_sampling = next(m for n, m in sys.modules.items() if n.endswith(".nodes.pairs_sampling"))
+    assert pairs_sampling._patches_for_workers(sd15_model)["object_patches"] == {}
     patched = sd15_model.clone()
     patched.set_model_sampler_cfg_function(lambda args: args["cond"])  # a closure: no pickling it
     with pytest.raises(ValueError, match="a patch on it cannot be sent.*or set gpus to 1"):
-        reflow_nodes._patches_for_workers(patched)
+        pairs_sampling._patches_for_workers(patched)
 
 
 def test_gpus_2_sharded_full_fine_tune_trains_what_one_process_with_twice_the_batch_does(server, defs,
