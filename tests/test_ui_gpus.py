@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comfy_host  # noqa: E402
@@ -382,3 +382,31 @@ def test_pairs_worker_killed_fails_naming_its_rank_and_one_process_finishes_the_
     worst = _pair_difference(resumed, pairs_reference)
     record_measure("D2FReflowPairs killed gpus=2 run continued on gpus=1 vs gpus=1, x0 of 12 pairs", worst, "<= 1e-5")
     assert worst <= 1e-5
+
+
+def test_pairs_on_gpus_2_carry_a_lora_applied_upstream(server, reference, pairs_reference, record_measure):
+    """The workers reload the checkpoint from its file and re-apply the model's weight patches: with a LoRA loaded
+    upstream (core LoraLoaderModelOnly; a trained LoRA scaled up so that it matters) gpus=2 makes the pairs gpus=1 makes, and
+    they are not the pairs without it (a worker that dropped the LoRA would mix both)."""
+    trained = sorted(n for n in os.listdir(_lora_dir(server)) if n.startswith(RUN_NAME + "_"))
+    assert trained, "no LoRA of the module's training runs"
+    os.makedirs(os.path.join(server.models_dir, "loras"), exist_ok=True)
+    # a few SGD steps barely move a LoRA: its up factors scaled so that it changes the pairs clearly
+    lora = {k: v * 300 if k.endswith("lora_up.weight") else v
+            for k, v in load_file(os.path.join(_lora_dir(server), trained[-1])).items()}
+    save_file(lora, os.path.join(server.models_dir, "loras", "d2f_pairs.safetensors"))
+
+    def with_lora(name, gpus):
+        prompt = _pairs_prompt(name, gpus)
+        prompt["8"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "d2f_pairs.safetensors",
+                                                                       "strength_model": 1.0}}
+        prompt["5"]["inputs"]["model"] = ["8", 0]
+        entry = _wait(server, _queue(server, prompt))
+        assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], default=str)[:3000]
+        return load_couplings(_pairs_folder(server, name))
+    one, two = with_lora("pairs_lora_gpus1", "1"), with_lora("pairs_lora_gpus2", "2")
+    worst = _pair_difference(two, one)
+    moved = _pair_difference(one, pairs_reference)
+    record_measure(f"D2FReflowPairs with a LoRA, gpus=2 vs gpus=1 (server; the LoRA moves x0 by {moved:.2g})", worst,
+                   "<= 1e-5")
+    assert worst <= 1e-5 and moved > 10 * 1e-5, (worst, moved)  # a worker without the LoRA would break the bound
